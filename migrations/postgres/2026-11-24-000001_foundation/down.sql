@@ -1,0 +1,6 @@
+DROP TABLE audit_head;
+DROP TABLE audit_events;
+DROP FUNCTION audit_events_append_only();
+DROP TABLE org_identifier_systems;
+DROP TABLE org_certificates;
+DROP TABLE organizations;

@@ -1,0 +1,68 @@
+//! GET /fhir/metadata: the CapabilityStatement. It lists only what is implemented.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::ok;
+use crate::api::context::Member;
+use crate::api::AppState;
+
+pub async fn capability_statement(_member: Member, state: web::Data<AppState>) -> HttpResponse {
+    let param = |name: &str, kind: &str, doc: &str| json!({ "name": name, "type": kind, "documentation": doc });
+    let body = json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": crate::time::to_instant(crate::time::now_micros()),
+        "publisher": state.config.exchange.name,
+        "kind": "instance",
+        "software": { "name": "hie-broker", "version": env!("CARGO_PKG_VERSION") },
+        "implementation": { "description": state.config.exchange.name, "url": state.config.fhir_base() },
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Every request needs a client certificate issued by the exchange CA and registered to an active member organisation, and (except for this statement) an X-Purpose-Of-Use header with an HL7 PurposeOfUse code; X-User-Id and X-User-Role name the person behind the request.",
+            "security": {
+                "cors": false,
+                "description": "Mutual TLS (TLS 1.2+). Every disclosure is recorded in a hash-chained audit trail before it is sent."
+            },
+            "resource": [
+                {
+                    "type": "Organization",
+                    "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                    "searchParam": [
+                        param("_id", "token", "organisation id"),
+                        param("name", "string", "name, case-insensitive prefix"),
+                        param("type", "token", "member type: hospital, clinic, lab, pharmacy, emergency, operator"),
+                        param("active", "token", "true or false")
+                    ]
+                },
+                {
+                    "type": "Endpoint",
+                    "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                    "searchParam": [
+                        param("_id", "token", "endpoint id (the member's organisation id)"),
+                        param("organization", "reference", "managing organisation"),
+                        param("status", "token", "active or suspended")
+                    ]
+                },
+                {
+                    "type": "AuditEvent",
+                    "documentation": "Exchange operators only.",
+                    "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                    "searchParam": [
+                        param("date", "date", "when recorded; prefixes ge, gt, le, lt, eq"),
+                        param("agent", "reference", "organisation id or user id"),
+                        param("entity", "reference", "what was touched, e.g. Organization/x"),
+                        param("patient", "reference", "the patient concerned"),
+                        param("purpose", "token", "purpose of use code"),
+                        param("outcome", "token", "0, 4, 8 or 12"),
+                        param("action", "token", "C, R, U, D or E"),
+                        param("subtype", "token", "interaction or operator action")
+                    ]
+                }
+            ]
+        }]
+    });
+    ok(&body)
+}

@@ -1,0 +1,192 @@
+//! Persistence of the audit chain. `append` must run inside the transaction of the change it
+//! records; it locks the chain head first, so appends from any connection or process are
+//! serialised and the chain stays linear.
+
+use diesel::prelude::*;
+
+use super::schema::{audit_events, audit_head};
+use super::DbConn;
+use crate::audit::{chain_hash, AuditRecord, ChainedRecord};
+use crate::error::Result;
+
+#[derive(Insertable, Queryable)]
+#[diesel(table_name = audit_events)]
+struct Row {
+    seq: i64,
+    recorded_at: i64,
+    org_id: Option<String>,
+    user_id: Option<String>,
+    user_role: Option<String>,
+    purpose: Option<String>,
+    client_addr: Option<String>,
+    request_id: Option<String>,
+    event_type: String,
+    action: String,
+    subtype: String,
+    patient: Option<String>,
+    entity: Option<String>,
+    query: Option<String>,
+    outcome: String,
+    outcome_desc: Option<String>,
+    prev_hash: String,
+    hash: String,
+}
+
+impl Row {
+    fn new(seq: i64, r: &AuditRecord, prev_hash: String, hash: String) -> Row {
+        Row {
+            seq,
+            recorded_at: r.recorded_at,
+            org_id: r.org_id.clone(),
+            user_id: r.user_id.clone(),
+            user_role: r.user_role.clone(),
+            purpose: r.purpose.clone(),
+            client_addr: r.client_addr.clone(),
+            request_id: r.request_id.clone(),
+            event_type: r.event_type.clone(),
+            action: r.action.clone(),
+            subtype: r.subtype.clone(),
+            patient: r.patient.clone(),
+            entity: r.entity.clone(),
+            query: r.query.clone(),
+            outcome: r.outcome.clone(),
+            outcome_desc: r.outcome_desc.clone(),
+            prev_hash,
+            hash,
+        }
+    }
+
+    fn into_chained(self) -> ChainedRecord {
+        ChainedRecord {
+            seq: self.seq,
+            record: AuditRecord {
+                recorded_at: self.recorded_at,
+                org_id: self.org_id,
+                user_id: self.user_id,
+                user_role: self.user_role,
+                purpose: self.purpose,
+                client_addr: self.client_addr,
+                request_id: self.request_id,
+                event_type: self.event_type,
+                action: self.action,
+                subtype: self.subtype,
+                patient: self.patient,
+                entity: self.entity,
+                query: self.query,
+                outcome: self.outcome,
+                outcome_desc: self.outcome_desc,
+            },
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+        }
+    }
+}
+
+/// Takes the chain-head row lock (a write, so on SQLite it also takes the database write lock).
+pub fn lock_head(conn: &mut DbConn) -> Result<()> {
+    diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
+        .set(audit_head::seq.eq(audit_head::seq))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Appends records to the chain; call inside a transaction. Returns their sequence numbers.
+pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    lock_head(conn)?;
+    let (mut seq, mut prev): (i64, String) = audit_head::table
+        .filter(audit_head::id.eq(1))
+        .select((audit_head::seq, audit_head::hash))
+        .first(conn)?;
+    let mut seqs = Vec::with_capacity(records.len());
+    for record in records {
+        seq += 1;
+        let hash = chain_hash(&prev, seq, record);
+        diesel::insert_into(audit_events::table)
+            .values(Row::new(seq, record, prev, hash.clone()))
+            .execute(conn)?;
+        prev = hash;
+        seqs.push(seq);
+    }
+    diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
+        .set((audit_head::seq.eq(seq), audit_head::hash.eq(&prev)))
+        .execute(conn)?;
+    Ok(seqs)
+}
+
+/// The chain in order, `limit` records after `after_seq`.
+pub fn page(conn: &mut DbConn, after_seq: i64, limit: i64) -> Result<Vec<ChainedRecord>> {
+    let rows: Vec<Row> = audit_events::table
+        .filter(audit_events::seq.gt(after_seq))
+        .order(audit_events::seq.asc())
+        .limit(limit)
+        .load(conn)?;
+    Ok(rows.into_iter().map(Row::into_chained).collect())
+}
+
+/// The recorded end of the chain.
+pub fn head(conn: &mut DbConn) -> Result<(i64, String)> {
+    Ok(audit_head::table
+        .filter(audit_head::id.eq(1))
+        .select((audit_head::seq, audit_head::hash))
+        .first(conn)?)
+}
+
+/// Search filters for AuditEvent; every field narrows the result.
+#[derive(Debug, Default, Clone)]
+pub struct AuditFilter {
+    pub from_micros: Option<i64>,
+    pub to_micros: Option<i64>,
+    pub org_or_user: Option<String>,
+    pub patient: Option<String>,
+    pub entity: Option<String>,
+    pub purpose: Option<String>,
+    pub outcome: Option<String>,
+    pub action: Option<String>,
+    pub subtype: Option<String>,
+    /// Only records older than this sequence number (paging, newest first).
+    pub before_seq: Option<i64>,
+}
+
+/// Newest first; at most `limit` records.
+pub fn search(conn: &mut DbConn, f: &AuditFilter, limit: i64) -> Result<Vec<ChainedRecord>> {
+    let mut q = audit_events::table.into_boxed();
+    if let Some(v) = f.from_micros {
+        q = q.filter(audit_events::recorded_at.ge(v));
+    }
+    if let Some(v) = f.to_micros {
+        q = q.filter(audit_events::recorded_at.lt(v));
+    }
+    if let Some(v) = &f.org_or_user {
+        q = q.filter(
+            audit_events::org_id
+                .eq(v.clone())
+                .or(audit_events::user_id.eq(v.clone())),
+        );
+    }
+    if let Some(v) = &f.patient {
+        q = q.filter(audit_events::patient.eq(v.clone()));
+    }
+    if let Some(v) = &f.entity {
+        q = q.filter(audit_events::entity.eq(v.clone()));
+    }
+    if let Some(v) = &f.purpose {
+        q = q.filter(audit_events::purpose.eq(v.clone()));
+    }
+    if let Some(v) = &f.outcome {
+        q = q.filter(audit_events::outcome.eq(v.clone()));
+    }
+    if let Some(v) = &f.action {
+        q = q.filter(audit_events::action.eq(v.clone()));
+    }
+    if let Some(v) = &f.subtype {
+        q = q.filter(audit_events::subtype.eq(v.clone()));
+    }
+    if let Some(v) = f.before_seq {
+        q = q.filter(audit_events::seq.lt(v));
+    }
+    let rows: Vec<Row> = q.order(audit_events::seq.desc()).limit(limit).load(conn)?;
+    Ok(rows.into_iter().map(Row::into_chained).collect())
+}

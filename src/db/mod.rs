@@ -1,0 +1,257 @@
+//! Storage. Only this module knows diesel. One code path for SQLite (embedded default) and
+//! PostgreSQL (production): `DbConn` is a diesel `MultiConnection`, so every query is written once.
+
+pub mod audit;
+pub mod orgs;
+pub mod schema;
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{self, ManageConnection};
+use diesel::{Connection, PgConnection, SqliteConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::DatabaseConfig;
+use crate::error::{Error, Result};
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+#[derive(diesel::MultiConnection)]
+pub enum DbConn {
+    Postgresql(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+impl DbConn {
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, DbConn::Sqlite(_))
+    }
+}
+
+/// A database URL, by scheme.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DbUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl DbUrl {
+    pub fn parse(url: &str) -> Result<DbUrl> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(Error::config(
+                    "sqlite:// needs a file path, e.g. sqlite://data/hie.db",
+                ));
+            }
+            Ok(DbUrl::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(DbUrl::Postgres(url.to_string()))
+        } else {
+            Err(Error::config(format!(
+                "'{}' is not a supported database URL: use sqlite://PATH or postgres://USER@HOST/DB",
+                redact(url)
+            )))
+        }
+    }
+
+    /// For messages: never print a password.
+    pub fn display(&self) -> String {
+        match self {
+            DbUrl::Sqlite(p) => format!("sqlite://{}", p.display()),
+            DbUrl::Postgres(u) => redact(u),
+        }
+    }
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Opens connections for the pool, picking the backend by URL scheme, so that a connection
+/// failure reports the real cause at once.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    url: DbUrl,
+    busy_timeout_ms: u64,
+}
+
+impl ManageConnection for Manager {
+    type Connection = DbConn;
+    type Error = r2d2::Error;
+
+    fn connect(&self) -> Result<DbConn, r2d2::Error> {
+        match &self.url {
+            DbUrl::Sqlite(path) => {
+                let mut c = SqliteConnection::establish(&path.to_string_lossy())
+                    .map_err(r2d2::Error::ConnectionError)?;
+                // busy_timeout first, so concurrent openers wait instead of failing with "locked".
+                c.batch_execute(&format!(
+                    "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+                    self.busy_timeout_ms
+                ))
+                .map_err(r2d2::Error::QueryError)?;
+                Ok(DbConn::Sqlite(c))
+            }
+            DbUrl::Postgres(url) => PgConnection::establish(url)
+                .map(DbConn::Postgresql)
+                .map_err(r2d2::Error::ConnectionError),
+        }
+    }
+
+    fn is_valid(&self, conn: &mut DbConn) -> Result<(), r2d2::Error> {
+        conn.batch_execute("SELECT 1")
+            .map_err(r2d2::Error::QueryError)
+    }
+
+    fn has_broken(&self, _conn: &mut DbConn) -> bool {
+        false
+    }
+}
+
+pub type PooledConn = r2d2::PooledConnection<Manager>;
+
+/// The connection pool, cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: r2d2::Pool<Manager>,
+    url: DbUrl,
+}
+
+impl Db {
+    /// Connects (creating the SQLite file and its directory if needed) and runs pending migrations.
+    pub fn open(config: &DatabaseConfig) -> Result<Db> {
+        // One connection by hand first: r2d2 would retry a bad URL silently until its timeout.
+        migrate_only(config)?;
+        let url = DbUrl::parse(&config.url)?;
+        let manager = Manager {
+            url: url.clone(),
+            busy_timeout_ms: config.busy_timeout_ms,
+        };
+        let pool = r2d2::Pool::builder()
+            .max_size(config.pool_size)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .build(manager)
+            .map_err(|e| Error::config(format!("cannot open the database pool: {e}")))?;
+        Ok(Db { pool, url })
+    }
+
+    pub fn url(&self) -> &DbUrl {
+        &self.url
+    }
+
+    pub fn get(&self) -> Result<PooledConn> {
+        Ok(self.pool.get()?)
+    }
+
+    /// Runs blocking database work off the async executor.
+    pub async fn run<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get()?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("database task failed: {e}")))?
+    }
+
+    /// For /readyz.
+    pub async fn ping(&self) -> Result<()> {
+        self.run(|c| c.batch_execute("SELECT 1").map_err(Error::from))
+            .await
+    }
+}
+
+/// `hie migrate`: connects once and runs pending migrations.
+pub fn migrate_only(config: &DatabaseConfig) -> Result<usize> {
+    let url = DbUrl::parse(&config.url)?;
+    if let DbUrl::Sqlite(path) = &url {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::config(format!(
+                    "cannot create database directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+    }
+    let manager = Manager {
+        url: url.clone(),
+        busy_timeout_ms: config.busy_timeout_ms,
+    };
+    let mut conn = manager.connect().map_err(|e| {
+        Error::config(format!(
+            "cannot connect to the database {}: {e}",
+            url.display()
+        ))
+    })?;
+    migrate(&mut conn)
+}
+
+/// Runs pending migrations. On PostgreSQL an advisory lock keeps several brokers starting at
+/// once from migrating concurrently; SQLite is switched to WAL here, once.
+pub fn migrate(conn: &mut DbConn) -> Result<usize> {
+    let applied = match conn {
+        DbConn::Sqlite(c) => {
+            c.batch_execute("PRAGMA journal_mode = WAL;")?;
+            c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len())
+        }
+        DbConn::Postgresql(c) => {
+            c.batch_execute("SELECT pg_advisory_lock(727274)")?;
+            let r = c
+                .run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map(|v| v.len());
+            c.batch_execute("SELECT pg_advisory_unlock(727274)")?;
+            r
+        }
+    };
+    applied.map_err(|e| Error::config(format!("database migration failed: {e}")))
+}
+
+/// A write transaction. On SQLite it takes the write lock first (a deferred transaction that
+/// reads before it writes can fail with SQLITE_BUSY instead of waiting).
+pub fn write_tx<T, F>(conn: &mut DbConn, f: F) -> Result<T>
+where
+    F: FnOnce(&mut DbConn) -> Result<T>,
+{
+    conn.transaction(|conn| {
+        if conn.is_sqlite() {
+            audit::lock_head(conn)?;
+        }
+        f(conn)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_pick_the_backend() {
+        assert_eq!(
+            DbUrl::parse("sqlite://data/hie.db").ok(),
+            Some(DbUrl::Sqlite("data/hie.db".into()))
+        );
+        assert!(matches!(
+            DbUrl::parse("postgresql://u@h/db"),
+            Ok(DbUrl::Postgres(_))
+        ));
+        assert!(DbUrl::parse("mysql://x").is_err());
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+    }
+}

@@ -1,0 +1,22 @@
+//! hie-broker: the central broker of a regional health information exchange.
+//!
+//! Domain modules (`orgs`, `audit`, `policy`, `certs`) can be called from a test without a
+//! server; only `api` knows actix and HTTP, only `db` knows diesel. See ARCHITECTURE.md.
+
+pub mod api;
+pub mod audit;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod ids;
+pub mod metrics;
+pub mod orgs;
+pub mod policy;
+pub mod ratelimit;
+pub mod server;
+pub mod time;
+pub mod tls;
+
+pub use error::{Error, ErrorKind, Result};
