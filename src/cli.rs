@@ -137,6 +137,9 @@ pub enum AuditCommand {
 
 /// Parses the command line, runs it, and turns errors into a message and exit status.
 pub fn main() -> ExitCode {
+    // Initialise OpenSSL before libpq does, so that it registers no atexit cleanup: that
+    // cleanup races with pooled PostgreSQL TLS connections and crashes the process at exit.
+    openssl::init();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,

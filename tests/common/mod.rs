@@ -1,0 +1,299 @@
+//! Test harness: starts the real `hie` binary on random ports with a fresh database (SQLite
+//! file, or a fresh schema in the PostgreSQL named by HIE_TEST_POSTGRES_URL), its own dev CA,
+//! and hands out mutual-TLS clients per member organisation.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::Connection;
+use hie_broker::certs::{Authority, Validity};
+use hie_broker::ids::OrgId;
+
+pub const HIE: &str = env!("CARGO_BIN_EXE_hie");
+
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Sqlite,
+    Postgres(String),
+}
+
+static SCHEMA_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Backend {
+    /// A fresh schema in the test PostgreSQL, or None (loudly) when none is configured.
+    /// With HIE_TEST_REQUIRE_POSTGRES=1 (as in CI) a missing or unreachable server fails the test.
+    pub fn postgres() -> Option<Backend> {
+        let required = std::env::var("HIE_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
+        let Ok(url) = std::env::var("HIE_TEST_POSTGRES_URL") else {
+            assert!(!required, "HIE_TEST_REQUIRE_POSTGRES=1 but HIE_TEST_POSTGRES_URL is not set");
+            // Written to the real stderr, past the test harness's capture, so it cannot go unseen.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "!!! SKIPPED a PostgreSQL test: set HIE_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it"
+            );
+            return None;
+        };
+        let schema = format!(
+            "t_{}_{}_{}",
+            std::process::id(),
+            SCHEMA_COUNTER.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+        );
+        openssl::init();
+        let mut conn = diesel::PgConnection::establish(&url)
+            .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
+        conn.batch_execute(&format!("CREATE SCHEMA {schema}")).expect("create test schema");
+        let sep = if url.contains('?') { '&' } else { '?' };
+        Some(Backend::Postgres(format!("{url}{sep}options=-csearch_path%3D{schema}")))
+    }
+}
+
+/// A running broker with its own directory, CA and database.
+pub struct Exchange {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub certs: PathBuf,
+    pub db_url: String,
+    pub base: String,
+    pub admin: String,
+    child: Option<Child>,
+    stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// A member organisation's credentials.
+#[derive(Clone, Debug)]
+pub struct MemberCreds {
+    pub id: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Exchange {
+    pub fn start(backend: &Backend) -> Exchange {
+        Self::start_with(backend, "")
+    }
+
+    /// Starts a broker; `extra` is appended to its TOML config.
+    pub fn start_with(backend: &Backend, extra: &str) -> Exchange {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dir.path().join("certs");
+        Authority::init(&certs, "Test Exchange", &["localhost".into(), "127.0.0.1".into()], false).expect("certs init");
+        let db_url = match backend {
+            Backend::Sqlite => format!("sqlite://{}", dir.path().join("data/hie.db").display()),
+            Backend::Postgres(url) => url.clone(),
+        };
+        let config_path = dir.path().join("hie.toml");
+        let base = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nidentity_cache_ms = 0\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [database]\nurl = \"{db_url}\"\npool_size = 4\n\n[certs]\ndir = \"{}\"\ncrl_reload_seconds = 1\n",
+            certs.display()
+        );
+        let config = merge_toml(&base, extra);
+        std::fs::write(&config_path, config).expect("write config");
+        let mut exchange = Exchange {
+            dir,
+            config_path,
+            certs,
+            db_url,
+            base: String::new(),
+            admin: String::new(),
+            child: None,
+            stdout: Default::default(),
+        };
+        exchange.spawn();
+        exchange
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(HIE)
+            .args(["--config", &self.config_path.to_string_lossy(), "serve"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hie serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::clone(&self.stdout);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("hie: exchange listening on https://") {
+                    let addr = rest.split('/').next().unwrap_or_default().to_string();
+                    let _ = tx.send(("exchange", addr));
+                } else if let Some(rest) = line.strip_prefix("hie: admin listening on http://") {
+                    let addr = rest.split(' ').next().unwrap_or_default().to_string();
+                    let _ = tx.send(("admin", addr));
+                }
+                if let Ok(mut l) = lines.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.base.is_empty() || self.admin.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(("exchange", addr)) => {
+                    let port = addr.rsplit(':').next().unwrap_or_default().to_string();
+                    self.base = format!("https://localhost:{port}/fhir");
+                }
+                Ok((_, addr)) => self.admin = format!("http://{addr}"),
+                Err(_) => panic!("hie serve did not start within 60 s"),
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// Runs `hie --config … ARGS`.
+    pub fn hie(&self, args: &[&str]) -> Output {
+        Command::new(HIE)
+            .args(["--config", &self.config_path.to_string_lossy()])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run hie")
+    }
+
+    /// Like `hie`, but the command must succeed; returns stdout.
+    pub fn hie_ok(&self, args: &[&str]) -> String {
+        let out = self.hie(args);
+        assert!(
+            out.status.success(),
+            "hie {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Issues a certificate with the CLI and enrolls the organisation.
+    pub fn enroll(&self, id: &str, org_type: &str, extra: &[&str]) -> MemberCreds {
+        self.hie_ok(&["certs", "issue", "--org", id]);
+        let creds = self.creds(id);
+        let cert = creds.cert.to_string_lossy().into_owned();
+        let mut args = vec!["org", "add", "--id", id, "--name", id, "--type", org_type, "--cert", &cert];
+        args.extend_from_slice(extra);
+        self.hie_ok(&args);
+        creds
+    }
+
+    pub fn creds(&self, id: &str) -> MemberCreds {
+        let dir = self.certs.join("orgs").join(id);
+        MemberCreds { id: id.into(), cert: dir.join("client.crt"), key: dir.join("client.key") }
+    }
+
+    /// Writes a certificate for `id` with an arbitrary validity window (e.g. already expired).
+    pub fn issue_with_validity(&self, id: &str, validity: Validity) -> MemberCreds {
+        let ca = Authority::load(&self.certs).expect("load CA");
+        let org = OrgId::parse(id).expect("org id");
+        ca.issue_member(&org, validity, &[], "").expect("issue");
+        self.creds(id)
+    }
+
+    pub fn client(&self, creds: &MemberCreds) -> reqwest::Client {
+        client_for(&self.certs.join("ca.crt"), Some((&creds.cert, &creds.key)))
+    }
+
+    pub fn client_without_cert(&self) -> reqwest::Client {
+        client_for(&self.certs.join("ca.crt"), None)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}/{}", self.base, path.trim_start_matches('/'))
+    }
+
+    pub fn output(&self) -> Vec<String> {
+        self.stdout.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the broker to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "broker did not stop within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs raw SQL against the broker's database (to play the attacker with database access).
+    pub fn sql(&self, sql: &str) {
+        if let Some(path) = self.db_url.strip_prefix("sqlite://") {
+            let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
+            c.batch_execute(sql).expect("sql");
+        } else {
+            let mut c = diesel::PgConnection::establish(&self.db_url).expect("open postgres");
+            c.batch_execute(sql).expect("sql");
+        }
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.db_url.starts_with("sqlite://")
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `base` with the tables of `extra` merged over it.
+fn merge_toml(base: &str, extra: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (k, v) in from {
+            match (into.get_mut(&k), v) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, v) => {
+                    into.insert(k, v);
+                }
+            }
+        }
+    }
+    let mut table: toml::Table = base.parse().expect("base test config");
+    merge(&mut table, extra.parse().expect("extra test config"));
+    toml::to_string(&table).expect("serialize config")
+}
+
+pub fn client_for(ca: &Path, cert: Option<(&Path, &Path)>) -> reqwest::Client {
+    hie_broker::tls::install_crypto_provider();
+    let tls = hie_broker::tls::client_config(ca, cert).expect("client tls config");
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client")
+}
+
+/// Runs a test body against SQLite and (when configured) PostgreSQL.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(backend) = $crate::common::Backend::postgres() {
+                    super::$name(backend).await
+                }
+            }
+        }
+    };
+}
