@@ -39,7 +39,10 @@ fn config_errors_name_the_key() {
     assert_eq!(code, Some(2));
     assert!(err.contains("database.url"), "{err}");
 
-    let (code, err) = hie_with(None, &[("HIE_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")]);
+    let (code, err) = hie_with(
+        None,
+        &[("HIE_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")],
+    );
     assert_eq!(code, Some(2));
     assert!(err.contains("cannot connect to the database"), "{err}");
 
@@ -47,7 +50,10 @@ fn config_errors_name_the_key() {
     assert_eq!(code, Some(2));
     assert!(err.contains("log.format"), "{err}");
 
-    let missing = Command::new(common::HIE).args(["--config", "/nonexistent/hie.toml", "migrate"]).output().expect("run");
+    let missing = Command::new(common::HIE)
+        .args(["--config", "/nonexistent/hie.toml", "migrate"])
+        .output()
+        .expect("run");
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file"));
 }
@@ -55,9 +61,23 @@ fn config_errors_name_the_key() {
 #[test]
 fn migrate_creates_the_sqlite_database_on_first_use() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(common::HIE).current_dir(dir.path()).env_remove("HIE_CONFIG").arg("migrate").output().expect("run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(common::HIE)
+        .current_dir(dir.path())
+        .env_remove("HIE_CONFIG")
+        .arg("migrate")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(dir.path().join("data/hie.db").exists());
-    let again = Command::new(common::HIE).current_dir(dir.path()).env_remove("HIE_CONFIG").arg("migrate").output().expect("run");
+    let again = Command::new(common::HIE)
+        .current_dir(dir.path())
+        .env_remove("HIE_CONFIG")
+        .arg("migrate")
+        .output()
+        .expect("run");
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 migration(s)"));
 }

@@ -51,11 +51,14 @@ impl RequestContext {
     }
 }
 
+/// When a lookup was made, and what it found (None: no such certificate registered).
+type CachedIdentity = (Instant, Option<Arc<Organization>>);
+
 /// Maps certificate fingerprints to organisations, for a short time, so that not every request
 /// reads the registry. Suspensions take effect within the TTL on every broker instance.
 pub struct IdentityCache {
     ttl: Duration,
-    entries: Mutex<HashMap<Fingerprint, (Instant, Option<Arc<Organization>>)>>,
+    entries: Mutex<HashMap<Fingerprint, CachedIdentity>>,
 }
 
 impl IdentityCache {

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
 enum Msg {
-    Record(AuditRecord, oneshot::Sender<Result<i64>>),
+    Record(Box<AuditRecord>, oneshot::Sender<Result<i64>>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -32,7 +32,7 @@ impl Auditor {
     pub async fn record(&self, record: AuditRecord) -> Result<i64> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Msg::Record(record, done))
+            .send(Msg::Record(Box::new(record), done))
             .await
             .map_err(|_| Error::unavailable("the audit trail is shutting down; retry shortly"))?;
         wait.await
@@ -52,7 +52,7 @@ type Waiter = oneshot::Sender<Result<i64>>;
 
 async fn run(db: Db, mut rx: mpsc::Receiver<Msg>, batch_max: usize, metrics: Metrics) {
     while let Some(first) = rx.recv().await {
-        let mut batch: Vec<(AuditRecord, Waiter)> = Vec::new();
+        let mut batch: Vec<(Box<AuditRecord>, Waiter)> = Vec::new();
         let mut stop = None;
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -81,11 +81,11 @@ async fn run(db: Db, mut rx: mpsc::Receiver<Msg>, batch_max: usize, metrics: Met
     }
 }
 
-async fn commit(db: &Db, batch: Vec<(AuditRecord, Waiter)>, metrics: &Metrics) {
+async fn commit(db: &Db, batch: Vec<(Box<AuditRecord>, Waiter)>, metrics: &Metrics) {
     if batch.is_empty() {
         return;
     }
-    let (records, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let (records, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|(r, w)| (*r, w)).unzip();
     let count = records.len();
     let result = db
         .run(move |conn| conn.transaction(|conn| db::audit::append(conn, &records)))

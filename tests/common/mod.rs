@@ -30,7 +30,10 @@ impl Backend {
     pub fn postgres() -> Option<Backend> {
         let required = std::env::var("HIE_TEST_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
         let Ok(url) = std::env::var("HIE_TEST_POSTGRES_URL") else {
-            assert!(!required, "HIE_TEST_REQUIRE_POSTGRES=1 but HIE_TEST_POSTGRES_URL is not set");
+            assert!(
+                !required,
+                "HIE_TEST_REQUIRE_POSTGRES=1 but HIE_TEST_POSTGRES_URL is not set"
+            );
             // Written to the real stderr, past the test harness's capture, so it cannot go unseen.
             use std::io::Write;
             let _ = writeln!(
@@ -43,14 +46,20 @@ impl Backend {
             "t_{}_{}_{}",
             std::process::id(),
             SCHEMA_COUNTER.fetch_add(1, Ordering::Relaxed),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
         );
         openssl::init();
         let mut conn = diesel::PgConnection::establish(&url)
             .unwrap_or_else(|e| panic!("PostgreSQL at {url} is not reachable: {e}"));
-        conn.batch_execute(&format!("CREATE SCHEMA {schema}")).expect("create test schema");
+        conn.batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .expect("create test schema");
         let sep = if url.contains('?') { '&' } else { '?' };
-        Some(Backend::Postgres(format!("{url}{sep}options=-csearch_path%3D{schema}")))
+        Some(Backend::Postgres(format!(
+            "{url}{sep}options=-csearch_path%3D{schema}"
+        )))
     }
 }
 
@@ -63,6 +72,7 @@ pub struct Exchange {
     pub base: String,
     pub admin: String,
     child: Option<Child>,
+    others: Vec<Child>,
     stdout: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -83,7 +93,13 @@ impl Exchange {
     pub fn start_with(backend: &Backend, extra: &str) -> Exchange {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
-        Authority::init(&certs, "Test Exchange", &["localhost".into(), "127.0.0.1".into()], false).expect("certs init");
+        Authority::init(
+            &certs,
+            "Test Exchange",
+            &["localhost".into(), "127.0.0.1".into()],
+            false,
+        )
+        .expect("certs init");
         let db_url = match backend {
             Backend::Sqlite => format!("sqlite://{}", dir.path().join("data/hie.db").display()),
             Backend::Postgres(url) => url.clone(),
@@ -104,10 +120,28 @@ impl Exchange {
             base: String::new(),
             admin: String::new(),
             child: None,
+            others: Vec::new(),
             stdout: Default::default(),
         };
         exchange.spawn();
         exchange
+    }
+
+    /// Starts one more broker process on the same database and CA (as behind a load balancer);
+    /// returns its FHIR base URL.
+    pub fn add_instance(&mut self) -> String {
+        let (first, admin) = (
+            std::mem::take(&mut self.base),
+            std::mem::take(&mut self.admin),
+        );
+        let first_child = self.child.take();
+        self.spawn();
+        let base = std::mem::replace(&mut self.base, first);
+        self.admin = admin;
+        if let Some(c) = std::mem::replace(&mut self.child, first_child) {
+            self.others.push(c);
+        }
+        base
     }
 
     fn spawn(&mut self) {
@@ -177,7 +211,9 @@ impl Exchange {
         self.hie_ok(&["certs", "issue", "--org", id]);
         let creds = self.creds(id);
         let cert = creds.cert.to_string_lossy().into_owned();
-        let mut args = vec!["org", "add", "--id", id, "--name", id, "--type", org_type, "--cert", &cert];
+        let mut args = vec![
+            "org", "add", "--id", id, "--name", id, "--type", org_type, "--cert", &cert,
+        ];
         args.extend_from_slice(extra);
         self.hie_ok(&args);
         creds
@@ -185,7 +221,11 @@ impl Exchange {
 
     pub fn creds(&self, id: &str) -> MemberCreds {
         let dir = self.certs.join("orgs").join(id);
-        MemberCreds { id: id.into(), cert: dir.join("client.crt"), key: dir.join("client.key") }
+        MemberCreds {
+            id: id.into(),
+            cert: dir.join("client.crt"),
+            key: dir.join("client.key"),
+        }
     }
 
     /// Writes a certificate for `id` with an arbitrary validity window (e.g. already expired).
@@ -215,14 +255,20 @@ impl Exchange {
     /// Sends SIGTERM and waits for the broker to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "broker did not stop within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "broker did not stop within 30 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -245,6 +291,10 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
+        for mut child in self.others.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
