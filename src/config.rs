@@ -21,6 +21,7 @@ pub struct Config {
     pub certs: CertsConfig,
     pub audit: AuditConfig,
     pub rate_limit: RateLimitConfig,
+    pub mpi: MpiConfig,
     pub log: LogConfig,
 }
 
@@ -91,6 +92,17 @@ pub struct RateLimitConfig {
 pub struct RateOverride {
     pub requests_per_second: u32,
     pub burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MpiConfig {
+    pub auto_link_threshold: f64,
+    pub review_threshold: f64,
+    pub possible_threshold: f64,
+    pub shared_identifier_systems: Vec<String>,
+    pub weights_file: PathBuf,
+    pub max_candidates: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -187,6 +199,12 @@ impl Config {
                     "config key '{key}' must be greater than 0"
                 )));
             }
+        }
+        if self.mpi.review_threshold >= self.mpi.auto_link_threshold {
+            return Err(Error::config("config key 'mpi.review_threshold' must be below 'mpi.auto_link_threshold'"));
+        }
+        if self.mpi.max_candidates < 1 {
+            return Err(Error::config("config key 'mpi.max_candidates' must be greater than 0"));
         }
         for (org, o) in &self.rate_limit.overrides {
             if o.requests_per_second == 0 || o.burst == 0 {

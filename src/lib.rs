@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod ids;
 pub mod metrics;
+pub mod mpi;
 pub mod orgs;
 pub mod policy;
 pub mod ratelimit;

@@ -34,6 +34,7 @@ pub struct AppState {
     pub limits: Arc<RateLimits>,
     pub identities: IdentityCache,
     pub metrics: Metrics,
+    pub mpi: Arc<crate::mpi::MpiSettings>,
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);

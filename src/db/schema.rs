@@ -68,3 +68,103 @@ diesel::allow_tables_to_appear_in_same_query!(
     org_certificates,
     org_identifier_systems
 );
+
+diesel::table! {
+    identities (id) {
+        id -> BigInt,
+        status -> Text,
+        merged_into -> Nullable<BigInt>,
+        golden -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    source_records (id) {
+        id -> BigInt,
+        org_id -> Text,
+        system -> Text,
+        value -> Text,
+        enterprise_id -> BigInt,
+        status -> Text,
+        replaced_by -> Nullable<BigInt>,
+        link_kind -> Text,
+        version -> BigInt,
+        resource -> Text,
+        family -> Nullable<Text>,
+        given -> Nullable<Text>,
+        family_phonetic -> Nullable<Text>,
+        given_phonetic -> Nullable<Text>,
+        birth_date -> Nullable<Text>,
+        gender -> Nullable<Text>,
+        postcode -> Nullable<Text>,
+        phone -> Nullable<Text>,
+        demographics -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    source_identifiers (system, value, source_id) {
+        system -> Text,
+        value -> Text,
+        source_id -> BigInt,
+    }
+}
+
+diesel::table! {
+    blocking_keys (key, source_id) {
+        key -> Text,
+        source_id -> BigInt,
+    }
+}
+
+diesel::table! {
+    match_reviews (id) {
+        id -> BigInt,
+        source_a -> BigInt,
+        source_b -> BigInt,
+        kind -> Text,
+        score -> Double,
+        breakdown -> Text,
+        status -> Text,
+        created_at -> BigInt,
+        resolved_at -> Nullable<BigInt>,
+        resolved_by -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    non_matches (source_a, source_b) {
+        source_a -> BigInt,
+        source_b -> BigInt,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    match_decisions (id) {
+        id -> BigInt,
+        source_id -> BigInt,
+        candidate_id -> Nullable<BigInt>,
+        outcome -> Text,
+        score -> Nullable<Double>,
+        breakdown -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    identity_history (id) {
+        id -> BigInt,
+        enterprise_id -> BigInt,
+        action -> Text,
+        detail -> Text,
+        actor -> Nullable<Text>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(source_records, source_identifiers, identities, blocking_keys);

@@ -3,6 +3,7 @@
 mod audit_event;
 mod directory;
 mod metadata;
+pub mod patient;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
@@ -13,7 +14,23 @@ use crate::error::{Error, Result};
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::scope("/fhir")
+            .route("", web::post().to(patient::batch))
+            .route("/", web::post().to(patient::batch))
             .route("/metadata", web::get().to(metadata::capability_statement))
+            .route("/Patient/$ihe-pix", web::get().to(patient::pix))
+            .route("/Patient/$match", web::post().to(patient::match_op))
+            .route("/Patient/$review-queue", web::get().to(patient::review_queue))
+            .route("/Patient/$resolve-review", web::post().to(patient::resolve_review))
+            .route("/Patient/$unlink", web::post().to(patient::unlink))
+            .route("/Patient/$merge", web::post().to(patient::merge))
+            .route("/Patient/$unmerge", web::post().to(patient::unmerge))
+            .service(
+                web::resource("/Patient")
+                    .route(web::get().to(patient::search))
+                    .route(web::put().to(patient::feed))
+                    .route(web::delete().to(patient::delete)),
+            )
+            .route("/Patient/{id}", web::get().to(patient::read))
             .route(
                 "/Organization",
                 web::get().to(directory::search_organizations),

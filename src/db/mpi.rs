@@ -1,0 +1,507 @@
+//! Queries of the master patient index.
+
+use diesel::prelude::*;
+use diesel::AggregateExpressionMethods;
+use std::collections::HashSet;
+
+use super::schema::{
+    blocking_keys, identities, identity_history, match_decisions, match_reviews, non_matches, source_identifiers,
+    source_records,
+};
+use super::DbConn;
+use crate::error::Result;
+
+#[derive(Debug, Clone, Queryable)]
+pub struct SourceRow {
+    pub id: i64,
+    pub org_id: String,
+    pub system: String,
+    pub value: String,
+    pub enterprise_id: i64,
+    pub status: String,
+    pub replaced_by: Option<i64>,
+    pub link_kind: String,
+    pub version: i64,
+    pub resource: String,
+    pub family: Option<String>,
+    pub given: Option<String>,
+    pub family_phonetic: Option<String>,
+    pub given_phonetic: Option<String>,
+    pub birth_date: Option<String>,
+    pub gender: Option<String>,
+    pub postcode: Option<String>,
+    pub phone: Option<String>,
+    pub demographics: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The searchable and matchable content of a source record.
+#[derive(Debug, Clone, AsChangeset, Insertable)]
+#[diesel(table_name = source_records)]
+pub struct SourceContent {
+    pub resource: String,
+    pub family: Option<String>,
+    pub given: Option<String>,
+    pub family_phonetic: Option<String>,
+    pub given_phonetic: Option<String>,
+    pub birth_date: Option<String>,
+    pub gender: Option<String>,
+    pub postcode: Option<String>,
+    pub phone: Option<String>,
+    pub demographics: String,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Queryable)]
+pub struct IdentityRow {
+    pub id: i64,
+    pub status: String,
+    pub merged_into: Option<i64>,
+    pub golden: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Queryable)]
+pub struct ReviewRow {
+    pub id: i64,
+    pub source_a: i64,
+    pub source_b: i64,
+    pub kind: String,
+    pub score: f64,
+    pub breakdown: String,
+    pub status: String,
+    pub created_at: i64,
+    pub resolved_at: Option<i64>,
+    pub resolved_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Queryable)]
+pub struct HistoryRow {
+    pub id: i64,
+    pub enterprise_id: i64,
+    pub action: String,
+    pub detail: String,
+    pub actor: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Queryable)]
+pub struct DecisionRow {
+    pub id: i64,
+    pub source_id: i64,
+    pub candidate_id: Option<i64>,
+    pub outcome: String,
+    pub score: Option<f64>,
+    pub breakdown: String,
+    pub created_at: i64,
+}
+
+pub fn find_source(conn: &mut DbConn, system: &str, value: &str) -> Result<Option<SourceRow>> {
+    Ok(source_records::table
+        .filter(source_records::system.eq(system))
+        .filter(source_records::value.eq(value))
+        .first(conn)
+        .optional()?)
+}
+
+pub fn get_source(conn: &mut DbConn, id: i64) -> Result<Option<SourceRow>> {
+    Ok(source_records::table.find(id).first(conn).optional()?)
+}
+
+pub fn get_sources(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<SourceRow>> {
+    Ok(source_records::table.filter(source_records::id.eq_any(ids)).order(source_records::id.asc()).load(conn)?)
+}
+
+pub fn insert_identity(conn: &mut DbConn, now: i64) -> Result<i64> {
+    Ok(diesel::insert_into(identities::table)
+        .values((
+            identities::status.eq("active"),
+            identities::golden.eq("{}"),
+            identities::created_at.eq(now),
+            identities::updated_at.eq(now),
+        ))
+        .returning(identities::id)
+        .get_result(conn)?)
+}
+
+pub fn get_identity(conn: &mut DbConn, id: i64) -> Result<Option<IdentityRow>> {
+    Ok(identities::table.find(id).first(conn).optional()?)
+}
+
+pub fn get_identities(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<IdentityRow>> {
+    Ok(identities::table.filter(identities::id.eq_any(ids)).load(conn)?)
+}
+
+pub fn set_golden(conn: &mut DbConn, id: i64, golden: &str, now: i64) -> Result<()> {
+    diesel::update(identities::table.find(id))
+        .set((identities::golden.eq(golden), identities::updated_at.eq(now)))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn set_identity_status(conn: &mut DbConn, id: i64, status: &str, merged_into: Option<i64>, now: i64) -> Result<()> {
+    diesel::update(identities::table.find(id))
+        .set((identities::status.eq(status), identities::merged_into.eq(merged_into), identities::updated_at.eq(now)))
+        .execute(conn)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn insert_source(
+    conn: &mut DbConn,
+    org_id: &str,
+    system: &str,
+    value: &str,
+    enterprise_id: i64,
+    link_kind: &str,
+    content: &SourceContent,
+    now: i64,
+) -> Result<i64> {
+    Ok(diesel::insert_into(source_records::table)
+        .values((
+            source_records::org_id.eq(org_id),
+            source_records::system.eq(system),
+            source_records::value.eq(value),
+            source_records::enterprise_id.eq(enterprise_id),
+            source_records::status.eq("active"),
+            source_records::link_kind.eq(link_kind),
+            source_records::version.eq(1i64),
+            source_records::created_at.eq(now),
+            content,
+        ))
+        .returning(source_records::id)
+        .get_result(conn)?)
+}
+
+pub fn update_source_content(conn: &mut DbConn, id: i64, content: &SourceContent) -> Result<()> {
+    diesel::update(source_records::table.find(id))
+        .set((content, source_records::version.eq(source_records::version + 1i64), source_records::status.eq("active"), source_records::replaced_by.eq(None::<i64>)))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn set_source_identity(conn: &mut DbConn, id: i64, enterprise_id: i64, link_kind: &str) -> Result<()> {
+    diesel::update(source_records::table.find(id))
+        .set((source_records::enterprise_id.eq(enterprise_id), source_records::link_kind.eq(link_kind)))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn set_source_status(conn: &mut DbConn, id: i64, status: &str, replaced_by: Option<i64>, now: i64) -> Result<()> {
+    diesel::update(source_records::table.find(id))
+        .set((
+            source_records::status.eq(status),
+            source_records::replaced_by.eq(replaced_by),
+            source_records::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Active source records of an identity.
+pub fn members(conn: &mut DbConn, enterprise_id: i64) -> Result<Vec<SourceRow>> {
+    Ok(source_records::table
+        .filter(source_records::enterprise_id.eq(enterprise_id))
+        .filter(source_records::status.eq("active"))
+        .order(source_records::id.asc())
+        .load(conn)?)
+}
+
+/// Active source records of several identities.
+pub fn members_of(conn: &mut DbConn, enterprise_ids: &[i64]) -> Result<Vec<SourceRow>> {
+    Ok(source_records::table
+        .filter(source_records::enterprise_id.eq_any(enterprise_ids))
+        .filter(source_records::status.eq("active"))
+        .order(source_records::id.asc())
+        .load(conn)?)
+}
+
+/// Replaced source records that point into an identity (their identifiers still resolve there).
+pub fn retired_members_of(conn: &mut DbConn, enterprise_ids: &[i64]) -> Result<Vec<SourceRow>> {
+    Ok(source_records::table
+        .filter(source_records::enterprise_id.eq_any(enterprise_ids))
+        .filter(source_records::status.eq("replaced"))
+        .load(conn)?)
+}
+
+pub fn replace_identifiers(conn: &mut DbConn, source_id: i64, ids: &[(String, String)]) -> Result<()> {
+    diesel::delete(source_identifiers::table.filter(source_identifiers::source_id.eq(source_id))).execute(conn)?;
+    for (system, value) in ids {
+        diesel::insert_into(source_identifiers::table)
+            .values((
+                source_identifiers::system.eq(system),
+                source_identifiers::value.eq(value),
+                source_identifiers::source_id.eq(source_id),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+pub fn identifiers_of(conn: &mut DbConn, source_ids: &[i64]) -> Result<Vec<(i64, String, String)>> {
+    Ok(source_identifiers::table
+        .filter(source_identifiers::source_id.eq_any(source_ids))
+        .select((source_identifiers::source_id, source_identifiers::system, source_identifiers::value))
+        .order((source_identifiers::source_id.asc(), source_identifiers::system.asc()))
+        .load(conn)?)
+}
+
+/// Source records carrying an identifier (any status).
+pub fn sources_with_identifier(conn: &mut DbConn, system: &str, value: &str) -> Result<Vec<i64>> {
+    Ok(source_identifiers::table
+        .filter(source_identifiers::system.eq(system))
+        .filter(source_identifiers::value.eq(value))
+        .select(source_identifiers::source_id)
+        .load(conn)?)
+}
+
+pub fn system_in_use(conn: &mut DbConn, system: &str) -> Result<bool> {
+    let n: i64 = source_identifiers::table.filter(source_identifiers::system.eq(system)).count().get_result(conn)?;
+    Ok(n > 0)
+}
+
+pub fn replace_blocking_keys(conn: &mut DbConn, source_id: i64, keys: &[String]) -> Result<()> {
+    diesel::delete(blocking_keys::table.filter(blocking_keys::source_id.eq(source_id))).execute(conn)?;
+    for key in keys {
+        diesel::insert_into(blocking_keys::table)
+            .values((blocking_keys::key.eq(key), blocking_keys::source_id.eq(source_id)))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// Active records sharing at least one blocking key, newest first, at most `limit`.
+pub fn candidates(conn: &mut DbConn, keys: &[String], exclude: Option<i64>, limit: i64) -> Result<Vec<SourceRow>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = blocking_keys::table
+        .filter(blocking_keys::key.eq_any(keys))
+        .filter(blocking_keys::source_id.ne(exclude.unwrap_or(-1)))
+        .select(blocking_keys::source_id)
+        .distinct()
+        .order(blocking_keys::source_id.desc())
+        .limit(limit)
+        .load(conn)?;
+    Ok(source_records::table
+        .filter(source_records::id.eq_any(&ids))
+        .filter(source_records::status.eq("active"))
+        .load(conn)?)
+}
+
+pub fn non_matches_of(conn: &mut DbConn, source_id: i64) -> Result<HashSet<i64>> {
+    let a: Vec<i64> = non_matches::table
+        .filter(non_matches::source_a.eq(source_id))
+        .select(non_matches::source_b)
+        .load(conn)?;
+    let b: Vec<i64> = non_matches::table
+        .filter(non_matches::source_b.eq(source_id))
+        .select(non_matches::source_a)
+        .load(conn)?;
+    Ok(a.into_iter().chain(b).collect())
+}
+
+fn ordered(a: i64, b: i64) -> (i64, i64) {
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+pub fn insert_non_match(conn: &mut DbConn, a: i64, b: i64, now: i64) -> Result<()> {
+    let (a, b) = ordered(a, b);
+    let exists: i64 = non_matches::table
+        .filter(non_matches::source_a.eq(a))
+        .filter(non_matches::source_b.eq(b))
+        .count()
+        .get_result(conn)?;
+    if exists == 0 {
+        diesel::insert_into(non_matches::table)
+            .values((non_matches::source_a.eq(a), non_matches::source_b.eq(b), non_matches::created_at.eq(now)))
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// Queues a review unless the pair already has one. Returns whether it was queued.
+pub fn insert_review(conn: &mut DbConn, a: i64, b: i64, kind: &str, score: f64, breakdown: &str, now: i64) -> Result<bool> {
+    let (a, b) = ordered(a, b);
+    let exists: i64 = match_reviews::table
+        .filter(match_reviews::source_a.eq(a))
+        .filter(match_reviews::source_b.eq(b))
+        .count()
+        .get_result(conn)?;
+    if exists > 0 {
+        return Ok(false);
+    }
+    diesel::insert_into(match_reviews::table)
+        .values((
+            match_reviews::source_a.eq(a),
+            match_reviews::source_b.eq(b),
+            match_reviews::kind.eq(kind),
+            match_reviews::score.eq(score),
+            match_reviews::breakdown.eq(breakdown),
+            match_reviews::status.eq("open"),
+            match_reviews::created_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(true)
+}
+
+pub fn reviews(conn: &mut DbConn, status: &str, after_id: i64, limit: i64) -> Result<Vec<ReviewRow>> {
+    Ok(match_reviews::table
+        .filter(match_reviews::status.eq(status))
+        .filter(match_reviews::id.gt(after_id))
+        .order(match_reviews::id.asc())
+        .limit(limit)
+        .load(conn)?)
+}
+
+pub fn count_reviews(conn: &mut DbConn, status: &str) -> Result<i64> {
+    Ok(match_reviews::table.filter(match_reviews::status.eq(status)).count().get_result(conn)?)
+}
+
+pub fn get_review(conn: &mut DbConn, id: i64) -> Result<Option<ReviewRow>> {
+    Ok(match_reviews::table.find(id).first(conn).optional()?)
+}
+
+pub fn resolve_review(conn: &mut DbConn, id: i64, status: &str, by: &str, now: i64) -> Result<()> {
+    diesel::update(match_reviews::table.find(id))
+        .set((
+            match_reviews::status.eq(status),
+            match_reviews::resolved_at.eq(Some(now)),
+            match_reviews::resolved_by.eq(Some(by)),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn insert_decision(
+    conn: &mut DbConn,
+    source_id: i64,
+    candidate_id: Option<i64>,
+    outcome: &str,
+    score: Option<f64>,
+    breakdown: &str,
+    now: i64,
+) -> Result<()> {
+    diesel::insert_into(match_decisions::table)
+        .values((
+            match_decisions::source_id.eq(source_id),
+            match_decisions::candidate_id.eq(candidate_id),
+            match_decisions::outcome.eq(outcome),
+            match_decisions::score.eq(score),
+            match_decisions::breakdown.eq(breakdown),
+            match_decisions::created_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn decisions(conn: &mut DbConn, source_id: i64) -> Result<Vec<DecisionRow>> {
+    Ok(match_decisions::table
+        .filter(match_decisions::source_id.eq(source_id))
+        .order(match_decisions::id.asc())
+        .load(conn)?)
+}
+
+pub fn insert_history(conn: &mut DbConn, enterprise_id: i64, action: &str, detail: &str, actor: Option<&str>, now: i64) -> Result<()> {
+    diesel::insert_into(identity_history::table)
+        .values((
+            identity_history::enterprise_id.eq(enterprise_id),
+            identity_history::action.eq(action),
+            identity_history::detail.eq(detail),
+            identity_history::actor.eq(actor),
+            identity_history::created_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn history(conn: &mut DbConn, enterprise_id: i64) -> Result<Vec<HistoryRow>> {
+    Ok(identity_history::table
+        .filter(identity_history::enterprise_id.eq(enterprise_id))
+        .order(identity_history::id.asc())
+        .load(conn)?)
+}
+
+/// PDQm criteria over active source records; every given criterion must hold.
+#[derive(Debug, Clone, Default)]
+pub struct PdqCriteria {
+    pub family_prefix: Option<String>,
+    pub family_exact: Option<String>,
+    pub family_phonetic: Option<String>,
+    pub given_prefix: Option<String>,
+    pub given_exact: Option<String>,
+    pub given_phonetic: Option<String>,
+    pub birth_date_from: Option<String>,
+    pub birth_date_to: Option<String>,
+    pub gender: Option<String>,
+    pub postcode: Option<String>,
+    pub phone: Option<String>,
+    /// Restrict to these source records (from an identifier search).
+    pub source_ids: Option<Vec<i64>>,
+}
+
+fn pdq_query<'a>(c: &'a PdqCriteria) -> source_records::BoxedQuery<'a, super::MultiBackend> {
+    let mut q = source_records::table.filter(source_records::status.eq("active")).into_boxed();
+    if let Some(v) = &c.family_prefix {
+        q = q.filter(source_records::family.like(format!("{v}%")));
+    }
+    if let Some(v) = &c.family_exact {
+        q = q.filter(source_records::family.eq(v));
+    }
+    if let Some(v) = &c.family_phonetic {
+        q = q.filter(source_records::family_phonetic.eq(v));
+    }
+    if let Some(v) = &c.given_prefix {
+        q = q.filter(source_records::given.like(format!("{v}%")));
+    }
+    if let Some(v) = &c.given_exact {
+        q = q.filter(source_records::given.eq(v));
+    }
+    if let Some(v) = &c.given_phonetic {
+        q = q.filter(source_records::given_phonetic.eq(v));
+    }
+    if let Some(v) = &c.birth_date_from {
+        q = q.filter(source_records::birth_date.ge(v));
+    }
+    if let Some(v) = &c.birth_date_to {
+        q = q.filter(source_records::birth_date.lt(v));
+    }
+    if let Some(v) = &c.gender {
+        q = q.filter(source_records::gender.eq(v));
+    }
+    if let Some(v) = &c.postcode {
+        q = q.filter(source_records::postcode.like(format!("{v}%")));
+    }
+    if let Some(v) = &c.phone {
+        q = q.filter(source_records::phone.eq(v));
+    }
+    if let Some(ids) = &c.source_ids {
+        q = q.filter(source_records::id.eq_any(ids.clone()));
+    }
+    q
+}
+
+/// Enterprise ids of the people matching, ordered, one page; and how many people match.
+pub fn pdq_search(conn: &mut DbConn, c: &PdqCriteria, offset: i64, limit: i64) -> Result<(Vec<i64>, i64)> {
+    let total: i64 = pdq_query(c)
+        .select(diesel::dsl::count(source_records::enterprise_id).aggregate_distinct())
+        .first(conn)?;
+    let ids: Vec<i64> = pdq_query(c)
+        .select(source_records::enterprise_id)
+        .distinct()
+        .order(source_records::enterprise_id.asc())
+        .offset(offset)
+        .limit(limit)
+        .load(conn)?;
+    Ok((ids, total))
+}
+
+pub fn count_active_sources(conn: &mut DbConn) -> Result<i64> {
+    Ok(source_records::table.filter(source_records::status.eq("active")).count().get_result(conn)?)
+}

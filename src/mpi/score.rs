@@ -1,0 +1,327 @@
+//! Fellegi–Sunter scoring of two records: each field is compared at a level (exact, close,
+//! phonetic, transposed date, …), each level carries a weight log2(m/u), and the sum decides.
+//! Known hazards (twins, junior/senior, uncorroborated common names, conflicting national ids)
+//! can never be auto-linked whatever the sum. Every score keeps its breakdown.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use strsim::{damerau_levenshtein, jaro_winkler};
+
+use super::nicknames::are_nicknames;
+use super::normalize::{metaphone, Demographics};
+use crate::error::{Error, Result};
+
+pub const DEFAULT_WEIGHTS: &str = include_str!("../../config/match-weights.toml");
+
+/// m/u probabilities per field and level.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    table: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
+}
+
+impl Weights {
+    pub fn parse(text: &str) -> Result<Weights> {
+        let table: BTreeMap<String, BTreeMap<String, (f64, f64)>> =
+            toml::from_str(text).map_err(|e| Error::config(format!("match weights: {e}")))?;
+        for (field, levels) in &table {
+            for (level, (m, u)) in levels {
+                if !(*m > 0.0 && *m < 1.0 && *u > 0.0 && *u < 1.0) {
+                    return Err(Error::config(format!("match weights {field}.{level}: m and u must be in (0, 1)")));
+                }
+            }
+        }
+        Ok(Weights { table })
+    }
+
+    pub fn defaults() -> Weights {
+        // The embedded table is checked by a unit test.
+        Self::parse(DEFAULT_WEIGHTS).unwrap_or(Weights { table: BTreeMap::new() })
+    }
+
+    pub fn weight(&self, field: &str, level: &str) -> f64 {
+        self.table.get(field).and_then(|l| l.get(level)).map(|(m, u)| (m / u).log2()).unwrap_or(0.0)
+    }
+
+    pub fn to_toml(&self) -> String {
+        let mut out = String::new();
+        for (field, levels) in &self.table {
+            out.push_str(&format!("[{field}]\n"));
+            for (level, (m, u)) in levels {
+                out.push_str(&format!("{level} = [{m:.6}, {u:.8}]\n"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    pub fn table(&self) -> &BTreeMap<String, BTreeMap<String, (f64, f64)>> {
+        &self.table
+    }
+
+    pub fn from_table(table: BTreeMap<String, BTreeMap<String, (f64, f64)>>) -> Weights {
+        Weights { table }
+    }
+}
+
+/// One field's contribution to a score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldScore {
+    pub field: String,
+    pub level: String,
+    pub weight: f64,
+}
+
+/// Why a pair may not be linked automatically, whatever its score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hazard {
+    /// Same family name and birth date, different given names.
+    Twin,
+    /// Birth dates many years apart (junior/senior, parent/child).
+    Generation,
+    /// Nothing but name and birth date agree (common name, same birthday).
+    Uncorroborated,
+    /// Both carry a national/insurance id in the same system, and they differ.
+    SharedIdConflict,
+}
+
+impl Hazard {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Hazard::Twin => "same family name and birth date but different given names (possible twins)",
+            Hazard::Generation => "birth dates years apart (possible junior/senior)",
+            Hazard::Uncorroborated => "only name and birth date agree; no address, phone or id corroborates",
+            Hazard::SharedIdConflict => "national/insurance identifiers differ",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    pub total: f64,
+    pub fields: Vec<FieldScore>,
+    pub hazards: Vec<Hazard>,
+}
+
+impl Score {
+    /// A probability-like score in 0..1 for FHIR `search.score`: a logistic curve centred
+    /// between the review and auto-link thresholds.
+    pub fn probability(&self, thresholds: &Thresholds) -> f64 {
+        let mid = (thresholds.review + thresholds.link) / 2.0;
+        let spread = ((thresholds.link - thresholds.review) / 4.0).max(1.0);
+        let p = 1.0 / (1.0 + (-(self.total - mid) / spread).exp2());
+        (p * 1000.0).round() / 1000.0
+    }
+
+    pub fn level(&self, field: &str) -> Option<&str> {
+        self.fields.iter().find(|f| f.field == field).map(|f| f.level.as_str())
+    }
+}
+
+/// Score thresholds on the summed weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub link: f64,
+    pub review: f64,
+}
+
+const AGREEING: [&str; 6] = ["exact", "nickname", "close", "similar", "transposed", "typo"];
+
+fn string_level(a: &str, b: &str, with_phonetic: bool) -> &'static str {
+    if a == b {
+        return "exact";
+    }
+    let jw = jaro_winkler(a, b);
+    if jw >= 0.94 {
+        "close"
+    } else if jw >= 0.86 {
+        "similar"
+    } else if with_phonetic && metaphone(a) == metaphone(b) {
+        "phonetic"
+    } else {
+        "disagree"
+    }
+}
+
+fn given_level(a: &Demographics, b: &Demographics) -> Option<&'static str> {
+    let (x, y) = (a.given.as_deref()?, b.given.as_deref()?);
+    if x == y {
+        return Some("exact");
+    }
+    if are_nicknames(x, y) {
+        return Some("nickname");
+    }
+    // A middle name used as the first name on one side.
+    let in_middle = |d: &Demographics, n: &str| d.middle.as_deref().is_some_and(|m| m.split(' ').any(|w| w == n));
+    if in_middle(a, y) || in_middle(b, x) {
+        return Some("close");
+    }
+    Some(string_level(x, y, true))
+}
+
+fn date_level(a: &str, b: &str) -> &'static str {
+    if a == b {
+        return "exact";
+    }
+    if a.len() != 10 || b.len() != 10 {
+        return if a.get(..4) == b.get(..4) { "typo" } else { "disagree" };
+    }
+    let (ya, ma, da) = (&a[..4], &a[5..7], &a[8..]);
+    let (yb, mb, db) = (&b[..4], &b[5..7], &b[8..]);
+    if ya == yb && ma == db && da == mb {
+        return "transposed";
+    }
+    let differing = a.bytes().zip(b.bytes()).filter(|(x, y)| x != y).count();
+    if differing == 1 || (ya == yb && damerau_levenshtein(a, b) == 1) {
+        return "typo";
+    }
+    "disagree"
+}
+
+fn edit_level(a: &str, b: &str, near: &'static str) -> &'static str {
+    if a == b {
+        "exact"
+    } else if damerau_levenshtein(a, b) == 1 {
+        near
+    } else {
+        "disagree"
+    }
+}
+
+fn street_level(a: &str, b: &str) -> &'static str {
+    if a == b {
+        return "exact";
+    }
+    let jw = jaro_winkler(a, b);
+    if jw >= 0.93 {
+        return "close";
+    }
+    let ta: Vec<&str> = a.split(' ').collect();
+    let shared = b.split(' ').filter(|w| ta.contains(w)).count();
+    if jw >= 0.85 || shared * 2 >= ta.len().max(b.split(' ').count()) {
+        "similar"
+    } else {
+        "disagree"
+    }
+}
+
+fn both<'a>(x: &'a Option<String>, y: &'a Option<String>) -> Option<(&'a str, &'a str)> {
+    x.as_deref().zip(y.as_deref())
+}
+
+/// Compares two records field by field.
+pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
+    let mut fields = Vec::with_capacity(9);
+    let mut push = |field: &str, level: Option<&'static str>| {
+        if let Some(level) = level {
+            fields.push(FieldScore { field: field.into(), level: level.into(), weight: w.weight(field, level) });
+        }
+    };
+
+    let mut given = given_level(a, b);
+    let mut family = both(&a.family, &b.family).map(|(x, y)| string_level(x, y, true));
+    // Given and family names swapped on one side.
+    if given == Some("disagree") && family == Some("disagree") && a.given == b.family && a.family == b.given {
+        given = Some("close");
+        family = Some("close");
+    }
+    push("given", given);
+    push("family", family);
+    push("birth_date", both(&a.birth_date, &b.birth_date).map(|(x, y)| date_level(x, y)));
+    push("gender", both(&a.gender, &b.gender).map(|(x, y)| if x == y { "agree" } else { "disagree" }));
+    push("postcode", both(&a.postcode, &b.postcode).map(|(x, y)| edit_level(x, y, "close")));
+    push("street", both(&a.street, &b.street).map(|(x, y)| street_level(x, y)));
+    push("city", both(&a.city, &b.city).map(|(x, y)| string_level(x, y, false)));
+    push("phone", both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")));
+    let shared = a.shared_ids.iter().find_map(|(sys, va)| {
+        b.shared_ids.iter().find(|(s, _)| s == sys).map(|(_, vb)| edit_level(va, vb, "typo"))
+    });
+    push("shared_id", shared);
+
+    let total = fields.iter().map(|f| f.weight).sum();
+    let s = Score { total, fields, hazards: Vec::new() };
+    let hazards = hazards(a, b, &s);
+    Score { hazards, ..s }
+}
+
+fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
+    let agrees = |field: &str| s.level(field).is_some_and(|l| AGREEING.contains(&l));
+    let mut out = Vec::new();
+    let given = s.level("given");
+    let names_differ = matches!(given, Some("disagree") | Some("phonetic"));
+    if names_differ && agrees("family") && s.level("birth_date") == Some("exact") {
+        out.push(Hazard::Twin);
+    }
+    if s.level("birth_date") == Some("disagree") {
+        let year = |d: &Demographics| d.birth_year().and_then(|y| y.parse::<i32>().ok());
+        if let (Some(ya), Some(yb)) = (year(a), year(b)) {
+            if (ya - yb).abs() >= 12 {
+                out.push(Hazard::Generation);
+            }
+        }
+    }
+    if !["street", "postcode", "phone", "shared_id"].iter().any(|f| agrees(f)) {
+        out.push(Hazard::Uncorroborated);
+    }
+    if s.level("shared_id") == Some("disagree") {
+        out.push(Hazard::SharedIdConflict);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn person(given: &str, family: &str, dob: &str, street: &str, postcode: &str) -> Demographics {
+        Demographics {
+            given: Some(given.into()),
+            family: Some(family.into()),
+            birth_date: Some(dob.into()),
+            street: Some(street.into()),
+            postcode: Some(postcode.into()),
+            ..Demographics::default()
+        }
+    }
+
+    #[test]
+    fn embedded_weights_parse() {
+        let w = Weights::parse(DEFAULT_WEIGHTS).expect("weights");
+        assert!(w.weight("birth_date", "exact") > 10.0);
+        assert!(w.weight("given", "disagree") < -4.0);
+    }
+
+    #[test]
+    fn date_levels() {
+        assert_eq!(date_level("1980-02-03", "1980-02-03"), "exact");
+        assert_eq!(date_level("1980-02-03", "1980-03-02"), "transposed");
+        assert_eq!(date_level("1980-02-03", "1980-02-08"), "typo");
+        assert_eq!(date_level("1980-02-03", "1955-07-21"), "disagree");
+    }
+
+    #[test]
+    fn twins_are_a_hazard() {
+        let w = Weights::defaults();
+        let a = person("alice", "smith", "2001-05-05", "4 main street", "12345");
+        let b = person("emily", "smith", "2001-05-05", "4 main street", "12345");
+        assert!(score(&a, &b, &w).hazards.contains(&Hazard::Twin));
+    }
+
+    #[test]
+    fn junior_and_senior_are_a_hazard() {
+        let w = Weights::defaults();
+        let a = person("john", "smith", "1950-05-05", "4 main street", "12345");
+        let b = person("john", "smith", "1978-09-12", "4 main street", "12345");
+        assert!(score(&a, &b, &w).hazards.contains(&Hazard::Generation));
+    }
+
+    #[test]
+    fn nickname_and_typo_still_score_high() {
+        let w = Weights::defaults();
+        let a = person("william", "johnson", "1970-01-02", "12 oak road", "99501");
+        let b = person("bill", "jonson", "1970-02-01", "12 oak road", "99501");
+        let s = score(&a, &b, &w);
+        assert!(s.hazards.is_empty(), "{s:?}");
+        assert!(s.total > 25.0, "{s:?}");
+    }
+}
