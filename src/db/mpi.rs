@@ -505,3 +505,15 @@ pub fn pdq_search(conn: &mut DbConn, c: &PdqCriteria, offset: i64, limit: i64) -
 pub fn count_active_sources(conn: &mut DbConn) -> Result<i64> {
     Ok(source_records::table.filter(source_records::status.eq("active")).count().get_result(conn)?)
 }
+
+/// Open review items: (potential matches across members, potential duplicates within one).
+pub fn review_queue_kinds(conn: &mut DbConn) -> Result<(i64, i64)> {
+    let count = |conn: &mut DbConn, kind: &str| -> Result<i64> {
+        Ok(match_reviews::table
+            .filter(match_reviews::status.eq("open"))
+            .filter(match_reviews::kind.eq(kind))
+            .count()
+            .get_result(conn)?)
+    };
+    Ok((count(conn, "potential-match")?, count(conn, "potential-duplicate")?))
+}

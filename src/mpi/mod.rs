@@ -99,7 +99,8 @@ pub struct Evaluation {
 }
 
 /// Scores candidates and decides: link to one identity, queue reviews, or neither.
-/// Only another member's record can be auto-linked; a same-member match is a potential duplicate.
+/// A match with another record of the same member is linked when certain, and always flagged
+/// as a potential duplicate for that member to clean up in its own system.
 pub fn evaluate(s: &MpiSettings, org_id: &str, demo: &Demographics, candidates: &[SourceRow], non_matches: &HashSet<i64>) -> Evaluation {
     let mut ranked: Vec<Scored> = candidates
         .iter()
@@ -118,14 +119,13 @@ pub fn evaluate(s: &MpiSettings, org_id: &str, demo: &Demographics, candidates: 
     ranked.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
     let linkable: Vec<&Scored> = ranked
         .iter()
-        .filter(|c| c.org_id != org_id && c.score.total >= s.thresholds.link && c.score.hazards.is_empty())
+        .filter(|c| c.score.total >= s.thresholds.link && c.score.hazards.is_empty())
         .collect();
+    // Several identities above the threshold: the person was split earlier. Link to the best
+    // and queue the others, so an operator can merge them.
     let identities: HashSet<i64> = linkable.iter().map(|c| c.enterprise_id).collect();
-    let (link, ambiguous) = match identities.len() {
-        0 => (None, false),
-        1 => (linkable.first().map(|c| (*c).clone()), false),
-        _ => (None, true),
-    };
+    let link = linkable.first().map(|c| (*c).clone());
+    let ambiguous = identities.len() > 1;
     let linked_eid = link.as_ref().map(|l| l.enterprise_id);
     let reviews = ranked
         .iter()

@@ -213,11 +213,18 @@ impl Demographics {
         if let (Some(f), Some(d)) = (&self.family, &self.birth_date) {
             keys.push(format!("fd:{}:{d}", metaphone(f)));
         }
+        // Name keys are order-invariant, so a record with given and family swapped is found.
         if let (Some(g), Some(f)) = (&self.given, &self.family) {
-            keys.push(format!("nm:{}:{}", metaphone(g), metaphone(f)));
+            let mut m = [metaphone(g), metaphone(f)];
+            m.sort();
+            keys.push(format!("nm:{}:{}", m[0], m[1]));
         }
         if let (Some(p), Some(gi), Some(fi)) = (&self.postcode, initial(&self.given), initial(&self.family)) {
-            keys.push(format!("pi:{p}:{gi}{fi}"));
+            let (a, b) = if gi <= fi { (gi, fi) } else { (fi, gi) };
+            keys.push(format!("pi:{p}:{a}{b}"));
+        }
+        if let (Some(d), Some(p)) = (&self.birth_date, &self.postcode) {
+            keys.push(format!("dp:{d}:{p}"));
         }
         if let (Some(s), Some(p)) = (&self.street, &self.postcode) {
             keys.push(format!("ad:{p}:{}", s.split(' ').take(2).collect::<Vec<_>>().join(" ")));

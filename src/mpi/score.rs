@@ -81,7 +81,7 @@ pub enum Hazard {
     Generation,
     /// Nothing but name and birth date agree (common name, same birthday).
     Uncorroborated,
-    /// Both carry a national/insurance id in the same system, and they differ.
+    /// National/insurance ids differ and name or birth date do not fully agree either.
     SharedIdConflict,
 }
 
@@ -126,6 +126,9 @@ pub struct Thresholds {
 }
 
 const AGREEING: [&str; 6] = ["exact", "nickname", "close", "similar", "transposed", "typo"];
+
+/// Levels at which a national id counts as corroborating (a two-edit id does not).
+const ID_AGREEING: [&str; 2] = ["exact", "typo"];
 
 fn string_level(a: &str, b: &str, with_phonetic: bool) -> &'static str {
     if a == b {
@@ -174,6 +177,10 @@ fn date_level(a: &str, b: &str) -> &'static str {
     let differing = a.bytes().zip(b.bytes()).filter(|(x, y)| x != y).count();
     if differing == 1 || (ya == yb && damerau_levenshtein(a, b) == 1) {
         return "typo";
+    }
+    let years_apart = ya.parse::<i32>().ok().zip(yb.parse::<i32>().ok()).map(|(x, y)| (x - y).abs()).unwrap_or(99);
+    if differing == 2 && years_apart < 12 {
+        return "similar";
     }
     "disagree"
 }
@@ -234,7 +241,12 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
     push("city", both(&a.city, &b.city).map(|(x, y)| string_level(x, y, false)));
     push("phone", both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")));
     let shared = a.shared_ids.iter().find_map(|(sys, va)| {
-        b.shared_ids.iter().find(|(s, _)| s == sys).map(|(_, vb)| edit_level(va, vb, "typo"))
+        b.shared_ids.iter().find(|(s, _)| s == sys).map(|(_, vb)| match damerau_levenshtein(va, vb) {
+            0 => "exact",
+            1 => "typo",
+            2 if va.len() >= 6 => "similar",
+            _ => "disagree",
+        })
     });
     push("shared_id", shared);
 
@@ -246,13 +258,16 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
 
 fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
     let agrees = |field: &str| s.level(field).is_some_and(|l| AGREEING.contains(&l));
+    // A national id that matches exactly rules out twins (who often get consecutive numbers)
+    // and junior/senior; one that matches up to a typo still rules out junior/senior.
+    let id_exact = s.level("shared_id") == Some("exact");
     let mut out = Vec::new();
-    let given = s.level("given");
-    let names_differ = matches!(given, Some("disagree") | Some("phonetic"));
-    if names_differ && agrees("family") && s.level("birth_date") == Some("exact") {
+    let names_differ = matches!(s.level("given"), Some("disagree") | Some("phonetic"));
+    if names_differ && agrees("family") && s.level("birth_date") == Some("exact") && !id_exact {
         out.push(Hazard::Twin);
     }
-    if s.level("birth_date") == Some("disagree") {
+    let id_agrees = s.level("shared_id").is_some_and(|l| ID_AGREEING.contains(&l));
+    if s.level("birth_date") == Some("disagree") && !id_agrees {
         let year = |d: &Demographics| d.birth_year().and_then(|y| y.parse::<i32>().ok());
         if let (Some(ya), Some(yb)) = (year(a), year(b)) {
             if (ya - yb).abs() >= 12 {
@@ -263,7 +278,7 @@ fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
     if !["street", "postcode", "phone", "shared_id"].iter().any(|f| agrees(f)) {
         out.push(Hazard::Uncorroborated);
     }
-    if s.level("shared_id") == Some("disagree") {
+    if s.level("shared_id") == Some("disagree") && (names_differ || s.level("birth_date") != Some("exact")) {
         out.push(Hazard::SharedIdConflict);
     }
     out
