@@ -96,6 +96,8 @@ pub struct Evaluation {
     /// Candidates to queue for an operator, with their kind.
     pub reviews: Vec<(Scored, &'static str)>,
     pub ambiguous: bool,
+    /// Other identities this record is certain for, to merge into the linked one.
+    pub merges: Vec<i64>,
 }
 
 /// Scores candidates and decides: link to one identity, queue reviews, or neither.
@@ -123,16 +125,34 @@ pub fn evaluate(s: &MpiSettings, org_id: &str, demo: &Demographics, candidates: 
         .collect();
     // Several identities above the threshold: the person was split earlier. Link to the best
     // and queue the others, so an operator can merge them.
-    let identities: HashSet<i64> = linkable.iter().map(|c| c.enterprise_id).collect();
+    // When the two identities' best records are themselves plausible together, they are one
+    // person split by an earlier miss: merge them (recorded, so it can be undone).
     let link = linkable.first().map(|c| (*c).clone());
-    let ambiguous = identities.len() > 1;
-    let linked_eid = link.as_ref().map(|l| l.enterprise_id);
+    let demographics = |id: i64| {
+        candidates.iter().find(|c| c.id == id).and_then(|c| serde_json::from_str::<Demographics>(&c.demographics).ok())
+    };
+    let mut merges: Vec<i64> = Vec::new();
+    let mut ambiguous = false;
+    if let Some(best) = &link {
+        let best_demo = demographics(best.source_id);
+        for other in &linkable {
+            if other.enterprise_id == best.enterprise_id || merges.contains(&other.enterprise_id) {
+                continue;
+            }
+            let together = best_demo.as_ref().zip(demographics(other.source_id)).map(|(a, b)| score::score(a, &b, &s.weights));
+            match together {
+                Some(t) if t.hazards.is_empty() && t.total >= s.thresholds.review => merges.push(other.enterprise_id),
+                _ => ambiguous = true,
+            }
+        }
+    }
+    let joined: HashSet<i64> = link.iter().map(|l| l.enterprise_id).chain(merges.iter().copied()).collect();
     let reviews = ranked
         .iter()
-        .filter(|c| c.org_id == org_id || Some(c.enterprise_id) != linked_eid)
+        .filter(|c| c.org_id == org_id || !joined.contains(&c.enterprise_id))
         .map(|c| (c.clone(), if c.org_id == org_id { "potential-duplicate" } else { "potential-match" }))
         .collect();
-    Evaluation { ranked, link, reviews, ambiguous }
+    Evaluation { ranked, link, reviews, ambiguous, merges }
 }
 
 fn content(patient: &Value, demo: &Demographics, now: i64) -> SourceContent {
@@ -392,6 +412,11 @@ fn apply(conn: &mut DbConn, sid: i64, eid: i64, eval: &Evaluation, now: i64) -> 
     if let Some(l) = &eval.link {
         let detail = json!({ "source": sid, "candidate": l.source_id, "score": l.score.total });
         store::insert_history(conn, eid, "link", &detail.to_string(), None, now)?;
+    }
+    for other in &eval.merges {
+        if *other != eid && current_identity(conn, *other)? == Some(*other) {
+            move_members(conn, *other, eid, "mpi-auto-merge", now)?;
+        }
     }
     rebuild_golden(conn, eid, now)?;
     Ok(FeedResult {

@@ -137,7 +137,7 @@ fn string_level(a: &str, b: &str, with_phonetic: bool) -> &'static str {
     let jw = jaro_winkler(a, b);
     if jw >= 0.94 {
         "close"
-    } else if jw >= 0.86 {
+    } else if jw >= 0.86 || (a.len().min(b.len()) >= 5 && damerau_levenshtein(a, b) <= 2) {
         "similar"
     } else if with_phonetic && metaphone(a) == metaphone(b) {
         "phonetic"
