@@ -57,7 +57,9 @@ fn patient(row: &HashMap<&str, &str>, system: &str, with_ssn: bool) -> Value {
     if let Some(d) = mpi::normalize::date(row["date_of_birth"]) {
         p["birthDate"] = json!(d);
     }
-    let line = format!("{} {}", row["street_number"], row["address_1"]).trim().to_string();
+    let line = format!("{} {}", row["street_number"], row["address_1"])
+        .trim()
+        .to_string();
     let mut address = json!({ "line": [line, row["address_2"]] });
     if !row["suburb"].is_empty() {
         address["city"] = json!(row["suburb"]);
@@ -70,8 +72,11 @@ fn patient(row: &HashMap<&str, &str>, system: &str, with_ssn: bool) -> Value {
 }
 
 fn read_csv(path: &Path) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    text.lines().map(|l| l.split(',').map(|f| f.trim().to_string()).collect()).collect()
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .map(|l| l.split(',').map(|f| f.trim().to_string()).collect())
+        .collect()
 }
 
 fn pair(a: &str, b: &str) -> (String, String) {
@@ -85,8 +90,12 @@ fn pair(a: &str, b: &str) -> (String, String) {
 fn run(dir: &Path, set: &str, with_ssn: bool) {
     let rows = read_csv(&dir.join(format!("{set}.csv")));
     let header: Vec<String> = rows[0].clone();
-    let truth: HashSet<(String, String)> =
-        read_csv(&dir.join(format!("{set}_links.csv"))).iter().skip(1).filter(|r| r.len() == 2).map(|r| pair(&r[0], &r[1])).collect();
+    let truth: HashSet<(String, String)> = read_csv(&dir.join(format!("{set}_links.csv")))
+        .iter()
+        .skip(1)
+        .filter(|r| r.len() == 2)
+        .map(|r| pair(&r[0], &r[1]))
+        .collect();
 
     let work = tempfile::tempdir().expect("tempdir");
     let mut config = Config::load_with_env(None, |_| None).expect("config");
@@ -100,12 +109,20 @@ fn run(dir: &Path, set: &str, with_ssn: bool) {
     let started = Instant::now();
     let mut source_of: HashMap<i64, String> = HashMap::new();
     for r in rows.iter().skip(1) {
-        let row: HashMap<&str, &str> = header.iter().map(String::as_str).zip(r.iter().map(String::as_str)).collect();
+        let row: HashMap<&str, &str> = header
+            .iter()
+            .map(String::as_str)
+            .zip(r.iter().map(String::as_str))
+            .collect();
         let is_dup = row["rec_id"].contains("-dup-");
         let member = if is_dup { &duplicates } else { &originals };
         let system = format!("urn:{}", member.id);
         let p = patient(&row, &system, with_ssn);
-        let req = FeedRequest { system: &system, value: row["rec_id"], patient: &p };
+        let req = FeedRequest {
+            system: &system,
+            value: row["rec_id"],
+            patient: &p,
+        };
         let out = mpi::feed(&mut conn, &settings, member, &req, &Actor::cli()).expect("feed");
         source_of.insert(out.source_id, row["rec_id"].to_string());
     }
@@ -114,8 +131,13 @@ fn run(dir: &Path, set: &str, with_ssn: bool) {
     // Pairs that ended up in the same enterprise identity.
     let mut groups: HashMap<i64, Vec<String>> = HashMap::new();
     for (sid, rec) in &source_of {
-        let row = db::mpi::get_source(&mut conn, *sid).expect("get").expect("row");
-        groups.entry(row.enterprise_id).or_default().push(rec.clone());
+        let row = db::mpi::get_source(&mut conn, *sid)
+            .expect("get")
+            .expect("row");
+        groups
+            .entry(row.enterprise_id)
+            .or_default()
+            .push(rec.clone());
     }
     let mut predicted = HashSet::new();
     for members in groups.values() {
@@ -126,9 +148,21 @@ fn run(dir: &Path, set: &str, with_ssn: bool) {
         }
     }
     let tp = predicted.intersection(&truth).count() as f64;
-    let precision = if predicted.is_empty() { 1.0 } else { tp / predicted.len() as f64 };
-    let recall = if truth.is_empty() { 1.0 } else { tp / truth.len() as f64 };
-    let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
+    let precision = if predicted.is_empty() {
+        1.0
+    } else {
+        tp / predicted.len() as f64
+    };
+    let recall = if truth.is_empty() {
+        1.0
+    } else {
+        tp / truth.len() as f64
+    };
+    let f1 = if precision + recall == 0.0 {
+        0.0
+    } else {
+        2.0 * precision * recall / (precision + recall)
+    };
     let open = db::mpi::review_queue_kinds(&mut conn).expect("reviews");
     let reviews = format!("{} potential matches + {} duplicate flags", open.0, open.1);
     println!(
@@ -146,30 +180,59 @@ fn run(dir: &Path, set: &str, with_ssn: bool) {
         let by_rec: HashMap<&String, i64> = source_of.iter().map(|(k, v)| (v, *k)).collect();
         for p in truth.difference(&predicted).take(25) {
             let mut demo = |rec: &String| -> mpi::normalize::Demographics {
-                let row = db::mpi::get_source(&mut conn, by_rec[rec]).expect("get").expect("row");
+                let row = db::mpi::get_source(&mut conn, by_rec[rec])
+                    .expect("get")
+                    .expect("row");
                 serde_json::from_str(&row.demographics).expect("demographics")
             };
             let (a, b) = (demo(&p.0), demo(&p.1));
             let s = mpi::score::score(&a, &b, &settings.weights);
-            let fields: Vec<String> = s.fields.iter().map(|f| format!("{}={}({:.1})", f.field, f.level, f.weight)).collect();
-            println!("  missed: {} ~ {} total={:.1} hazards={:?} {}", p.0, p.1, s.total, s.hazards, fields.join(" "));
+            let fields: Vec<String> = s
+                .fields
+                .iter()
+                .map(|f| format!("{}={}({:.1})", f.field, f.level, f.weight))
+                .collect();
+            println!(
+                "  missed: {} ~ {} total={:.1} hazards={:?} {}",
+                p.0,
+                p.1,
+                s.total,
+                s.hazards,
+                fields.join(" ")
+            );
         }
     }
 }
 
 fn main() {
     hie_broker::tls::install_crypto_provider();
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let dir = args.iter().find(|a| !a.starts_with("--")).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("../shared/data/febrl"));
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let dir = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("../shared/data/febrl"));
     let sets: Vec<String> = args
         .iter()
         .position(|a| a == "--sets")
         .and_then(|i| args.get(i + 1))
         .map(|s| s.split(',').map(str::to_string).collect())
         .unwrap_or_else(|| vec!["febrl1".into(), "febrl2".into(), "febrl3".into()]);
-    let ssn_modes: Vec<bool> = if args.iter().any(|a| a == "--no-ssn") { vec![false] } else if args.iter().any(|a| a == "--both") { vec![true, false] } else { vec![true] };
+    let ssn_modes: Vec<bool> = if args.iter().any(|a| a == "--no-ssn") {
+        vec![false]
+    } else if args.iter().any(|a| a == "--both") {
+        vec![true, false]
+    } else {
+        vec![true]
+    };
     if !dir.join("febrl1.csv").exists() {
-        eprintln!("FEBRL data not found in {} (pass the directory as the first argument)", dir.display());
+        eprintln!(
+            "FEBRL data not found in {} (pass the directory as the first argument)",
+            dir.display()
+        );
         std::process::exit(2);
     }
     for with_ssn in ssn_modes {

@@ -44,6 +44,58 @@ pub enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Bulk-load a member's patients (NDJSON, one FHIR Patient per line) through the same
+    /// matching as the online feed.
+    Import {
+        #[arg(long)]
+        org: String,
+        file: PathBuf,
+    },
+    /// The master patient index: review queue, links, merges.
+    #[command(subcommand)]
+    Mpi(MpiCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MpiCommand {
+    /// List review items (potential matches and potential duplicates).
+    Review {
+        #[arg(long, default_value = "open")]
+        status: String,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Resolve a review item: the same person (link) or not (never auto-linked again).
+    Resolve {
+        id: i64,
+        #[arg(
+            long,
+            conflicts_with = "different",
+            required_unless_present = "different"
+        )]
+        same: bool,
+        #[arg(long)]
+        different: bool,
+    },
+    /// Take a record (src-N) out of its identity.
+    Unlink { source: String },
+    /// Merge identity ent-A into ent-B.
+    Merge {
+        from: String,
+        #[arg(long)]
+        into: String,
+    },
+    /// Undo the last merge of an identity.
+    Unmerge { identity: String },
+    /// Why a record (src-N) was linked as it is; the history of an identity (ent-N).
+    Explain { id: String },
+    /// Estimate m/u weights from the loaded data (EM) and print them as a weights file.
+    Estimate {
+        #[arg(long, default_value_t = 20000)]
+        sample: i64,
+        #[arg(long, default_value_t = 25)]
+        iterations: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -202,6 +254,8 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Certs(c) => certs_command(c, &config)?,
         Command::Org(c) => org_command(c, &config)?,
         Command::Audit(AuditCommand::Verify) => return audit_verify(&config),
+        Command::Import { org, file } => import(&config, &org, &file)?,
+        Command::Mpi(c) => mpi_command(c, &config)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -427,4 +481,244 @@ pub fn verify_chain(conn: &mut db::DbConn) -> Result<Verification> {
         records: seq as u64,
         head_hash: hash,
     })
+}
+
+fn import(config: &Config, org: &str, file: &std::path::Path) -> Result<()> {
+    use std::io::BufRead;
+    let settings = crate::mpi::MpiSettings::from_config(config)?;
+    let db = Db::open(&config.database)?;
+    let mut conn = db.get()?;
+    let org = orgs::get(&mut conn, &OrgId::parse(org)?)?
+        .ok_or_else(|| Error::not_found(format!("no organisation '{org}'")))?;
+    let reader = std::io::BufReader::new(
+        std::fs::File::open(file)
+            .map_err(|e| Error::invalid(format!("cannot read {}: {e}", file.display())))?,
+    );
+    let actor = Actor::cli();
+    let started = std::time::Instant::now();
+    let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
+    let mut lines = reader.lines().enumerate().peekable();
+    while lines.peek().is_some() {
+        // Chunks of records share one transaction; each record is its own savepoint, so one
+        // bad line is reported and skipped without losing the others.
+        let chunk: Vec<(usize, std::io::Result<String>)> = lines.by_ref().take(500).collect();
+        diesel::Connection::transaction::<_, Error, _>(&mut *conn, |c| {
+            for (n, line) in chunk {
+                let line = line
+                    .map_err(|e| Error::invalid(format!("cannot read {}: {e}", file.display())))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match import_line(c, &settings, &org, &line, &actor) {
+                    Ok(r) => {
+                        ok += 1;
+                        linked += u64::from(r.outcome == "linked");
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("line {}: {e}", n + 1);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "imported {ok} record(s) for '{}' in {secs:.1} s ({:.0}/s): {linked} linked to existing people, {failed} refused",
+        org.id,
+        ok as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+fn import_line(
+    c: &mut db::DbConn,
+    settings: &crate::mpi::MpiSettings,
+    org: &Organization,
+    line: &str,
+    actor: &Actor,
+) -> Result<crate::mpi::FeedResult> {
+    let patient: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| Error::invalid(format!("not JSON: {e}")))?;
+    let (system, value) = patient
+        .get("identifier")
+        .and_then(|i| i.as_array())
+        .and_then(|ids| {
+            ids.iter().find_map(|id| {
+                let s = id.get("system")?.as_str()?;
+                let v = id.get("value")?.as_str()?;
+                org.identifier_systems
+                    .iter()
+                    .any(|o| o == s)
+                    .then(|| (s.to_string(), v.to_string()))
+            })
+        })
+        .ok_or_else(|| Error::invalid("no identifier in a system this organisation owns"))?;
+    crate::mpi::feed(
+        c,
+        settings,
+        org,
+        &crate::mpi::FeedRequest {
+            system: &system,
+            value: &value,
+            patient: &patient,
+        },
+        actor,
+    )
+}
+
+fn parse_ref(s: &str, person: bool) -> Result<i64> {
+    let parsed = if person {
+        crate::mpi::parse_person_ref(s)
+    } else {
+        crate::mpi::parse_source_ref(s)
+    };
+    parsed.ok_or_else(|| {
+        Error::invalid(format!(
+            "'{s}' is not a {} id",
+            if person {
+                "person (ent-N)"
+            } else {
+                "record (src-N)"
+            }
+        ))
+    })
+}
+
+fn print_source(label: &str, r: &db::mpi::SourceRow) {
+    let d: crate::mpi::normalize::Demographics =
+        serde_json::from_str(&r.demographics).unwrap_or_default();
+    println!(
+        "  {label} src-{} ({} {}|{}) in ent-{}: {} {} born {} {} {}",
+        r.id,
+        r.org_id,
+        r.system,
+        r.value,
+        r.enterprise_id,
+        d.given.unwrap_or_default(),
+        d.family.unwrap_or_default(),
+        d.birth_date.unwrap_or_else(|| "?".into()),
+        d.street.unwrap_or_default(),
+        d.postcode.unwrap_or_default()
+    );
+}
+
+fn mpi_command(c: MpiCommand, config: &Config) -> Result<()> {
+    let db = Db::open(&config.database)?;
+    let mut conn = db.get()?;
+    let actor = Actor::cli();
+    match c {
+        MpiCommand::Review { status, limit } => {
+            let items = crate::mpi::review_queue(&mut conn, &status, 0, limit)?;
+            if items.is_empty() {
+                println!("no {status} review items");
+            }
+            for i in items {
+                println!(
+                    "review {} [{}] {} score {:.1}",
+                    i.id, i.status, i.kind, i.score
+                );
+                print_source("A", &i.a);
+                print_source("B", &i.b);
+                if let Some(fields) = i.breakdown.get("fields").and_then(|f| f.as_array()) {
+                    let parts: Vec<String> = fields
+                        .iter()
+                        .map(|f| {
+                            format!(
+                                "{}={} ({:+.1})",
+                                f["field"].as_str().unwrap_or("?"),
+                                f["level"].as_str().unwrap_or("?"),
+                                f["weight"].as_f64().unwrap_or(0.0)
+                            )
+                        })
+                        .collect();
+                    println!("    {}", parts.join(", "));
+                }
+                if let Some(h) = i
+                    .breakdown
+                    .get("hazards")
+                    .and_then(|h| h.as_array())
+                    .filter(|h| !h.is_empty())
+                {
+                    println!(
+                        "    hazards: {}",
+                        h.iter()
+                            .filter_map(|x| x.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
+        }
+        MpiCommand::Resolve {
+            id,
+            same,
+            different: _,
+        } => {
+            let item = crate::mpi::resolve_review(&mut conn, id, same, &actor)?;
+            println!(
+                "review {} resolved: {}",
+                item.id,
+                if same {
+                    "same person (linked)"
+                } else {
+                    "not the same person (remembered)"
+                }
+            );
+        }
+        MpiCommand::Unlink { source } => {
+            let eid = crate::mpi::unlink(&mut conn, parse_ref(&source, false)?, &actor)?;
+            println!("{source} now stands alone as ent-{eid}");
+        }
+        MpiCommand::Merge { from, into } => {
+            let moved = crate::mpi::merge_identities(
+                &mut conn,
+                parse_ref(&from, true)?,
+                parse_ref(&into, true)?,
+                &actor,
+            )?;
+            println!("merged {from} into {into}: {} record(s) moved", moved.len());
+        }
+        MpiCommand::Unmerge { identity } => {
+            let restored = crate::mpi::unmerge(&mut conn, parse_ref(&identity, true)?, &actor)?;
+            println!("unmerged {identity}: {} record(s) restored", restored.len());
+        }
+        MpiCommand::Explain { id } => {
+            if let Some(sid) = crate::mpi::parse_source_ref(&id) {
+                for d in crate::mpi::explain(&mut conn, sid)? {
+                    println!(
+                        "{} {} candidate {} score {}: {}",
+                        crate::time::to_instant(d.created_at),
+                        d.outcome,
+                        d.candidate_id
+                            .map(|c| format!("src-{c}"))
+                            .unwrap_or_else(|| "-".into()),
+                        d.score
+                            .map(|s| format!("{s:.1}"))
+                            .unwrap_or_else(|| "-".into()),
+                        d.breakdown
+                    );
+                }
+            } else {
+                for h in crate::mpi::history(&mut conn, parse_ref(&id, true)?)? {
+                    println!(
+                        "{} {} by {}: {}",
+                        crate::time::to_instant(h.created_at),
+                        h.action,
+                        h.actor.unwrap_or_else(|| "matcher".into()),
+                        h.detail
+                    );
+                }
+            }
+        }
+        MpiCommand::Estimate { sample, iterations } => {
+            let settings = crate::mpi::MpiSettings::from_config(config)?;
+            let (w, p, n) =
+                crate::mpi::estimate::estimate(&mut conn, &settings.weights, sample, iterations)?;
+            println!("# estimated by `hie mpi estimate` from {n} candidate pairs; match proportion {p:.4}");
+            print!("{}", w.to_toml());
+        }
+    }
+    Ok(())
 }

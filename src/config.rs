@@ -201,10 +201,14 @@ impl Config {
             }
         }
         if self.mpi.review_threshold >= self.mpi.auto_link_threshold {
-            return Err(Error::config("config key 'mpi.review_threshold' must be below 'mpi.auto_link_threshold'"));
+            return Err(Error::config(
+                "config key 'mpi.review_threshold' must be below 'mpi.auto_link_threshold'",
+            ));
         }
         if self.mpi.max_candidates < 1 {
-            return Err(Error::config("config key 'mpi.max_candidates' must be greater than 0"));
+            return Err(Error::config(
+                "config key 'mpi.max_candidates' must be greater than 0",
+            ));
         }
         for (org, o) in &self.rate_limit.overrides {
             if o.requests_per_second == 0 || o.burst == 0 {

@@ -5,8 +5,8 @@ use diesel::AggregateExpressionMethods;
 use std::collections::HashSet;
 
 use super::schema::{
-    blocking_keys, identities, identity_history, match_decisions, match_reviews, non_matches, source_identifiers,
-    source_records,
+    blocking_keys, identities, identity_history, match_decisions, match_reviews, non_matches,
+    source_identifiers, source_records,
 };
 use super::DbConn;
 use crate::error::Result;
@@ -111,7 +111,10 @@ pub fn get_source(conn: &mut DbConn, id: i64) -> Result<Option<SourceRow>> {
 }
 
 pub fn get_sources(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<SourceRow>> {
-    Ok(source_records::table.filter(source_records::id.eq_any(ids)).order(source_records::id.asc()).load(conn)?)
+    Ok(source_records::table
+        .filter(source_records::id.eq_any(ids))
+        .order(source_records::id.asc())
+        .load(conn)?)
 }
 
 pub fn insert_identity(conn: &mut DbConn, now: i64) -> Result<i64> {
@@ -131,19 +134,34 @@ pub fn get_identity(conn: &mut DbConn, id: i64) -> Result<Option<IdentityRow>> {
 }
 
 pub fn get_identities(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<IdentityRow>> {
-    Ok(identities::table.filter(identities::id.eq_any(ids)).load(conn)?)
+    Ok(identities::table
+        .filter(identities::id.eq_any(ids))
+        .load(conn)?)
 }
 
 pub fn set_golden(conn: &mut DbConn, id: i64, golden: &str, now: i64) -> Result<()> {
     diesel::update(identities::table.find(id))
-        .set((identities::golden.eq(golden), identities::updated_at.eq(now)))
+        .set((
+            identities::golden.eq(golden),
+            identities::updated_at.eq(now),
+        ))
         .execute(conn)?;
     Ok(())
 }
 
-pub fn set_identity_status(conn: &mut DbConn, id: i64, status: &str, merged_into: Option<i64>, now: i64) -> Result<()> {
+pub fn set_identity_status(
+    conn: &mut DbConn,
+    id: i64,
+    status: &str,
+    merged_into: Option<i64>,
+    now: i64,
+) -> Result<()> {
     diesel::update(identities::table.find(id))
-        .set((identities::status.eq(status), identities::merged_into.eq(merged_into), identities::updated_at.eq(now)))
+        .set((
+            identities::status.eq(status),
+            identities::merged_into.eq(merged_into),
+            identities::updated_at.eq(now),
+        ))
         .execute(conn)?;
     Ok(())
 }
@@ -177,19 +195,38 @@ pub fn insert_source(
 
 pub fn update_source_content(conn: &mut DbConn, id: i64, content: &SourceContent) -> Result<()> {
     diesel::update(source_records::table.find(id))
-        .set((content, source_records::version.eq(source_records::version + 1i64), source_records::status.eq("active"), source_records::replaced_by.eq(None::<i64>)))
+        .set((
+            content,
+            source_records::version.eq(source_records::version + 1i64),
+            source_records::status.eq("active"),
+            source_records::replaced_by.eq(None::<i64>),
+        ))
         .execute(conn)?;
     Ok(())
 }
 
-pub fn set_source_identity(conn: &mut DbConn, id: i64, enterprise_id: i64, link_kind: &str) -> Result<()> {
+pub fn set_source_identity(
+    conn: &mut DbConn,
+    id: i64,
+    enterprise_id: i64,
+    link_kind: &str,
+) -> Result<()> {
     diesel::update(source_records::table.find(id))
-        .set((source_records::enterprise_id.eq(enterprise_id), source_records::link_kind.eq(link_kind)))
+        .set((
+            source_records::enterprise_id.eq(enterprise_id),
+            source_records::link_kind.eq(link_kind),
+        ))
         .execute(conn)?;
     Ok(())
 }
 
-pub fn set_source_status(conn: &mut DbConn, id: i64, status: &str, replaced_by: Option<i64>, now: i64) -> Result<()> {
+pub fn set_source_status(
+    conn: &mut DbConn,
+    id: i64,
+    status: &str,
+    replaced_by: Option<i64>,
+    now: i64,
+) -> Result<()> {
     diesel::update(source_records::table.find(id))
         .set((
             source_records::status.eq(status),
@@ -226,8 +263,13 @@ pub fn retired_members_of(conn: &mut DbConn, enterprise_ids: &[i64]) -> Result<V
         .load(conn)?)
 }
 
-pub fn replace_identifiers(conn: &mut DbConn, source_id: i64, ids: &[(String, String)]) -> Result<()> {
-    diesel::delete(source_identifiers::table.filter(source_identifiers::source_id.eq(source_id))).execute(conn)?;
+pub fn replace_identifiers(
+    conn: &mut DbConn,
+    source_id: i64,
+    ids: &[(String, String)],
+) -> Result<()> {
+    diesel::delete(source_identifiers::table.filter(source_identifiers::source_id.eq(source_id)))
+        .execute(conn)?;
     for (system, value) in ids {
         diesel::insert_into(source_identifiers::table)
             .values((
@@ -243,8 +285,15 @@ pub fn replace_identifiers(conn: &mut DbConn, source_id: i64, ids: &[(String, St
 pub fn identifiers_of(conn: &mut DbConn, source_ids: &[i64]) -> Result<Vec<(i64, String, String)>> {
     Ok(source_identifiers::table
         .filter(source_identifiers::source_id.eq_any(source_ids))
-        .select((source_identifiers::source_id, source_identifiers::system, source_identifiers::value))
-        .order((source_identifiers::source_id.asc(), source_identifiers::system.asc()))
+        .select((
+            source_identifiers::source_id,
+            source_identifiers::system,
+            source_identifiers::value,
+        ))
+        .order((
+            source_identifiers::source_id.asc(),
+            source_identifiers::system.asc(),
+        ))
         .load(conn)?)
 }
 
@@ -258,22 +307,34 @@ pub fn sources_with_identifier(conn: &mut DbConn, system: &str, value: &str) -> 
 }
 
 pub fn system_in_use(conn: &mut DbConn, system: &str) -> Result<bool> {
-    let n: i64 = source_identifiers::table.filter(source_identifiers::system.eq(system)).count().get_result(conn)?;
+    let n: i64 = source_identifiers::table
+        .filter(source_identifiers::system.eq(system))
+        .count()
+        .get_result(conn)?;
     Ok(n > 0)
 }
 
 pub fn replace_blocking_keys(conn: &mut DbConn, source_id: i64, keys: &[String]) -> Result<()> {
-    diesel::delete(blocking_keys::table.filter(blocking_keys::source_id.eq(source_id))).execute(conn)?;
+    diesel::delete(blocking_keys::table.filter(blocking_keys::source_id.eq(source_id)))
+        .execute(conn)?;
     for key in keys {
         diesel::insert_into(blocking_keys::table)
-            .values((blocking_keys::key.eq(key), blocking_keys::source_id.eq(source_id)))
+            .values((
+                blocking_keys::key.eq(key),
+                blocking_keys::source_id.eq(source_id),
+            ))
             .execute(conn)?;
     }
     Ok(())
 }
 
 /// Active records sharing at least one blocking key, newest first, at most `limit`.
-pub fn candidates(conn: &mut DbConn, keys: &[String], exclude: Option<i64>, limit: i64) -> Result<Vec<SourceRow>> {
+pub fn candidates(
+    conn: &mut DbConn,
+    keys: &[String],
+    exclude: Option<i64>,
+    limit: i64,
+) -> Result<Vec<SourceRow>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
@@ -320,14 +381,26 @@ pub fn insert_non_match(conn: &mut DbConn, a: i64, b: i64, now: i64) -> Result<(
         .get_result(conn)?;
     if exists == 0 {
         diesel::insert_into(non_matches::table)
-            .values((non_matches::source_a.eq(a), non_matches::source_b.eq(b), non_matches::created_at.eq(now)))
+            .values((
+                non_matches::source_a.eq(a),
+                non_matches::source_b.eq(b),
+                non_matches::created_at.eq(now),
+            ))
             .execute(conn)?;
     }
     Ok(())
 }
 
 /// Queues a review unless the pair already has one. Returns whether it was queued.
-pub fn insert_review(conn: &mut DbConn, a: i64, b: i64, kind: &str, score: f64, breakdown: &str, now: i64) -> Result<bool> {
+pub fn insert_review(
+    conn: &mut DbConn,
+    a: i64,
+    b: i64,
+    kind: &str,
+    score: f64,
+    breakdown: &str,
+    now: i64,
+) -> Result<bool> {
     let (a, b) = ordered(a, b);
     let exists: i64 = match_reviews::table
         .filter(match_reviews::source_a.eq(a))
@@ -351,7 +424,12 @@ pub fn insert_review(conn: &mut DbConn, a: i64, b: i64, kind: &str, score: f64, 
     Ok(true)
 }
 
-pub fn reviews(conn: &mut DbConn, status: &str, after_id: i64, limit: i64) -> Result<Vec<ReviewRow>> {
+pub fn reviews(
+    conn: &mut DbConn,
+    status: &str,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<ReviewRow>> {
     Ok(match_reviews::table
         .filter(match_reviews::status.eq(status))
         .filter(match_reviews::id.gt(after_id))
@@ -361,7 +439,10 @@ pub fn reviews(conn: &mut DbConn, status: &str, after_id: i64, limit: i64) -> Re
 }
 
 pub fn count_reviews(conn: &mut DbConn, status: &str) -> Result<i64> {
-    Ok(match_reviews::table.filter(match_reviews::status.eq(status)).count().get_result(conn)?)
+    Ok(match_reviews::table
+        .filter(match_reviews::status.eq(status))
+        .count()
+        .get_result(conn)?)
 }
 
 pub fn get_review(conn: &mut DbConn, id: i64) -> Result<Option<ReviewRow>> {
@@ -408,7 +489,14 @@ pub fn decisions(conn: &mut DbConn, source_id: i64) -> Result<Vec<DecisionRow>> 
         .load(conn)?)
 }
 
-pub fn insert_history(conn: &mut DbConn, enterprise_id: i64, action: &str, detail: &str, actor: Option<&str>, now: i64) -> Result<()> {
+pub fn insert_history(
+    conn: &mut DbConn,
+    enterprise_id: i64,
+    action: &str,
+    detail: &str,
+    actor: Option<&str>,
+    now: i64,
+) -> Result<()> {
     diesel::insert_into(identity_history::table)
         .values((
             identity_history::enterprise_id.eq(enterprise_id),
@@ -447,7 +535,9 @@ pub struct PdqCriteria {
 }
 
 fn pdq_query<'a>(c: &'a PdqCriteria) -> source_records::BoxedQuery<'a, super::MultiBackend> {
-    let mut q = source_records::table.filter(source_records::status.eq("active")).into_boxed();
+    let mut q = source_records::table
+        .filter(source_records::status.eq("active"))
+        .into_boxed();
     if let Some(v) = &c.family_prefix {
         q = q.filter(source_records::family.like(format!("{v}%")));
     }
@@ -488,7 +578,12 @@ fn pdq_query<'a>(c: &'a PdqCriteria) -> source_records::BoxedQuery<'a, super::Mu
 }
 
 /// Enterprise ids of the people matching, ordered, one page; and how many people match.
-pub fn pdq_search(conn: &mut DbConn, c: &PdqCriteria, offset: i64, limit: i64) -> Result<(Vec<i64>, i64)> {
+pub fn pdq_search(
+    conn: &mut DbConn,
+    c: &PdqCriteria,
+    offset: i64,
+    limit: i64,
+) -> Result<(Vec<i64>, i64)> {
     let total: i64 = pdq_query(c)
         .select(diesel::dsl::count(source_records::enterprise_id).aggregate_distinct())
         .first(conn)?;
@@ -503,7 +598,10 @@ pub fn pdq_search(conn: &mut DbConn, c: &PdqCriteria, offset: i64, limit: i64) -
 }
 
 pub fn count_active_sources(conn: &mut DbConn) -> Result<i64> {
-    Ok(source_records::table.filter(source_records::status.eq("active")).count().get_result(conn)?)
+    Ok(source_records::table
+        .filter(source_records::status.eq("active"))
+        .count()
+        .get_result(conn)?)
 }
 
 /// Open review items: (potential matches across members, potential duplicates within one).
@@ -515,5 +613,8 @@ pub fn review_queue_kinds(conn: &mut DbConn) -> Result<(i64, i64)> {
             .count()
             .get_result(conn)?)
     };
-    Ok((count(conn, "potential-match")?, count(conn, "potential-duplicate")?))
+    Ok((
+        count(conn, "potential-match")?,
+        count(conn, "potential-duplicate")?,
+    ))
 }

@@ -167,4 +167,9 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(source_records, source_identifiers, identities, blocking_keys);
+diesel::allow_tables_to_appear_in_same_query!(
+    source_records,
+    source_identifiers,
+    identities,
+    blocking_keys
+);

@@ -4,6 +4,7 @@
 //! review, or given a new identity. Every decision keeps its score breakdown and is audited in
 //! the same transaction.
 
+pub mod estimate;
 pub mod nicknames;
 pub mod normalize;
 pub mod score;
@@ -40,13 +41,19 @@ impl MpiSettings {
             Weights::parse(score::DEFAULT_WEIGHTS)?
         } else {
             let text = std::fs::read_to_string(&m.weights_file).map_err(|e| {
-                Error::config(format!("config key 'mpi.weights_file': cannot read {}: {e}", m.weights_file.display()))
+                Error::config(format!(
+                    "config key 'mpi.weights_file': cannot read {}: {e}",
+                    m.weights_file.display()
+                ))
             })?;
             Weights::parse(&text)?
         };
         Ok(MpiSettings {
             weights,
-            thresholds: Thresholds { link: m.auto_link_threshold, review: m.review_threshold },
+            thresholds: Thresholds {
+                link: m.auto_link_threshold,
+                review: m.review_threshold,
+            },
             possible: m.possible_threshold,
             shared_systems: m.shared_identifier_systems.clone(),
             enterprise_system: enterprise_system(config),
@@ -72,10 +79,16 @@ pub fn person_ref(id: i64) -> String {
     format!("ent-{id}")
 }
 pub fn parse_source_ref(s: &str) -> Option<i64> {
-    s.trim_start_matches("Patient/").strip_prefix("src-")?.parse().ok()
+    s.trim_start_matches("Patient/")
+        .strip_prefix("src-")?
+        .parse()
+        .ok()
 }
 pub fn parse_person_ref(s: &str) -> Option<i64> {
-    s.trim_start_matches("Patient/").strip_prefix("ent-")?.parse().ok()
+    s.trim_start_matches("Patient/")
+        .strip_prefix("ent-")?
+        .parse()
+        .ok()
 }
 
 /// A candidate scored against an incoming record.
@@ -103,7 +116,13 @@ pub struct Evaluation {
 /// Scores candidates and decides: link to one identity, queue reviews, or neither.
 /// A match with another record of the same member is linked when certain, and always flagged
 /// as a potential duplicate for that member to clean up in its own system.
-pub fn evaluate(s: &MpiSettings, org_id: &str, demo: &Demographics, candidates: &[SourceRow], non_matches: &HashSet<i64>) -> Evaluation {
+pub fn evaluate(
+    s: &MpiSettings,
+    org_id: &str,
+    demo: &Demographics,
+    candidates: &[SourceRow],
+    non_matches: &HashSet<i64>,
+) -> Evaluation {
     let mut ranked: Vec<Scored> = candidates
         .iter()
         .filter(|c| !non_matches.contains(&c.id))
@@ -129,7 +148,10 @@ pub fn evaluate(s: &MpiSettings, org_id: &str, demo: &Demographics, candidates: 
     // person split by an earlier miss: merge them (recorded, so it can be undone).
     let link = linkable.first().map(|c| (*c).clone());
     let demographics = |id: i64| {
-        candidates.iter().find(|c| c.id == id).and_then(|c| serde_json::from_str::<Demographics>(&c.demographics).ok())
+        candidates
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| serde_json::from_str::<Demographics>(&c.demographics).ok())
     };
     let mut merges: Vec<i64> = Vec::new();
     let mut ambiguous = false;
@@ -139,20 +161,44 @@ pub fn evaluate(s: &MpiSettings, org_id: &str, demo: &Demographics, candidates: 
             if other.enterprise_id == best.enterprise_id || merges.contains(&other.enterprise_id) {
                 continue;
             }
-            let together = best_demo.as_ref().zip(demographics(other.source_id)).map(|(a, b)| score::score(a, &b, &s.weights));
+            let together = best_demo
+                .as_ref()
+                .zip(demographics(other.source_id))
+                .map(|(a, b)| score::score(a, &b, &s.weights));
             match together {
-                Some(t) if t.hazards.is_empty() && t.total >= s.thresholds.review => merges.push(other.enterprise_id),
+                Some(t) if t.hazards.is_empty() && t.total >= s.thresholds.review => {
+                    merges.push(other.enterprise_id)
+                }
                 _ => ambiguous = true,
             }
         }
     }
-    let joined: HashSet<i64> = link.iter().map(|l| l.enterprise_id).chain(merges.iter().copied()).collect();
+    let joined: HashSet<i64> = link
+        .iter()
+        .map(|l| l.enterprise_id)
+        .chain(merges.iter().copied())
+        .collect();
     let reviews = ranked
         .iter()
         .filter(|c| c.org_id == org_id || !joined.contains(&c.enterprise_id))
-        .map(|c| (c.clone(), if c.org_id == org_id { "potential-duplicate" } else { "potential-match" }))
+        .map(|c| {
+            (
+                c.clone(),
+                if c.org_id == org_id {
+                    "potential-duplicate"
+                } else {
+                    "potential-match"
+                },
+            )
+        })
         .collect();
-    Evaluation { ranked, link, reviews, ambiguous, merges }
+    Evaluation {
+        ranked,
+        link,
+        reviews,
+        ambiguous,
+        merges,
+    }
 }
 
 fn content(patient: &Value, demo: &Demographics, now: i64) -> SourceContent {
@@ -191,23 +237,40 @@ pub struct FeedRequest<'a> {
 }
 
 fn ident_pairs(patient: &Value) -> Result<Vec<(String, String)>> {
-    let Some(ids) = patient.get("identifier") else { return Ok(Vec::new()) };
-    let ids = ids.as_array().ok_or_else(|| Error::invalid("Patient.identifier must be a list").at("Patient.identifier"))?;
+    let Some(ids) = patient.get("identifier") else {
+        return Ok(Vec::new());
+    };
+    let ids = ids.as_array().ok_or_else(|| {
+        Error::invalid("Patient.identifier must be a list").at("Patient.identifier")
+    })?;
     ids.iter()
         .enumerate()
         .map(|(i, id)| {
-            let system = id.get("system").and_then(Value::as_str).filter(|s| !s.is_empty());
-            let value = id.get("value").and_then(Value::as_str).filter(|s| !s.trim().is_empty());
+            let system = id
+                .get("system")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty());
+            let value = id
+                .get("value")
+                .and_then(Value::as_str)
+                .filter(|s| !s.trim().is_empty());
             match (system, value) {
                 (Some(s), Some(v)) => Ok((s.to_string(), v.trim().to_string())),
-                _ => Err(Error::invalid("every identifier needs a system and a value").at(format!("Patient.identifier[{i}]"))),
+                _ => Err(
+                    Error::invalid("every identifier needs a system and a value")
+                        .at(format!("Patient.identifier[{i}]")),
+                ),
             }
         })
         .collect()
 }
 
 /// Checks a Patient sent by `org` under `system|value`; returns its identifiers.
-pub fn validate_feed(s: &MpiSettings, org: &Organization, req: &FeedRequest) -> Result<Vec<(String, String)>> {
+pub fn validate_feed(
+    s: &MpiSettings,
+    org: &Organization,
+    req: &FeedRequest,
+) -> Result<Vec<(String, String)>> {
     let p = req.patient;
     if p.get("resourceType").and_then(Value::as_str) != Some("Patient") {
         return Err(Error::invalid("the body must be a FHIR Patient resource").at("resourceType"));
@@ -219,7 +282,10 @@ pub fn validate_feed(s: &MpiSettings, org: &Organization, req: &FeedRequest) -> 
         )));
     }
     let ids = ident_pairs(p)?;
-    if !ids.iter().any(|(sys, val)| sys == req.system && val == req.value) {
+    if !ids
+        .iter()
+        .any(|(sys, val)| sys == req.system && val == req.value)
+    {
         return Err(Error::invalid(format!(
             "the Patient must carry the identifier it is stored under ({}|{})",
             req.system, req.value
@@ -238,17 +304,24 @@ pub fn validate_feed(s: &MpiSettings, org: &Organization, req: &FeedRequest) -> 
     }
     if let Some(d) = p.get("birthDate") {
         if d.as_str().and_then(normalize::date).is_none() {
-            return Err(Error::invalid("birthDate must be a date (YYYY, YYYY-MM or YYYY-MM-DD)").at("Patient.birthDate"));
+            return Err(
+                Error::invalid("birthDate must be a date (YYYY, YYYY-MM or YYYY-MM-DD)")
+                    .at("Patient.birthDate"),
+            );
         }
     }
     if let Some(g) = p.get("gender") {
         if !matches!(g.as_str(), Some("male" | "female" | "other" | "unknown")) {
-            return Err(Error::invalid("gender must be male, female, other or unknown").at("Patient.gender"));
+            return Err(
+                Error::invalid("gender must be male, female, other or unknown")
+                    .at("Patient.gender"),
+            );
         }
     }
     for key in ["name", "address", "telecom", "link"] {
         if p.get(key).is_some_and(|v| !v.is_array()) {
-            return Err(Error::invalid(format!("Patient.{key} must be a list")).at(format!("Patient.{key}")));
+            return Err(Error::invalid(format!("Patient.{key} must be a list"))
+                .at(format!("Patient.{key}")));
         }
     }
     Ok(ids)
@@ -256,12 +329,16 @@ pub fn validate_feed(s: &MpiSettings, org: &Organization, req: &FeedRequest) -> 
 
 /// The record this Patient says replaced it (ITI-104 merge), if any.
 fn replaced_by(p: &Value) -> Result<Option<(String, String)>> {
-    let Some(links) = p.get("link").and_then(Value::as_array) else { return Ok(None) };
+    let Some(links) = p.get("link").and_then(Value::as_array) else {
+        return Ok(None);
+    };
     for (i, l) in links.iter().enumerate() {
         if l.get("type").and_then(Value::as_str) != Some("replaced-by") {
             continue;
         }
-        let other = l.get("other").ok_or_else(|| Error::invalid("link.other is required").at(format!("Patient.link[{i}].other")))?;
+        let other = l.get("other").ok_or_else(|| {
+            Error::invalid("link.other is required").at(format!("Patient.link[{i}].other"))
+        })?;
         if let Some(id) = other.get("identifier") {
             let sys = id.get("system").and_then(Value::as_str);
             let val = id.get("value").and_then(Value::as_str);
@@ -289,7 +366,13 @@ fn replaced_by(p: &Value) -> Result<Option<(String, String)>> {
 
 /// ITI-104: create or update a member's source record and match it; or merge it when it is
 /// marked replaced-by another of the member's records. One transaction, audited.
-pub fn feed(conn: &mut DbConn, s: &MpiSettings, org: &Organization, req: &FeedRequest, actor: &Actor) -> Result<FeedResult> {
+pub fn feed(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    org: &Organization,
+    req: &FeedRequest,
+    actor: &Actor,
+) -> Result<FeedResult> {
     let ids = validate_feed(s, org, req)?;
     let survivor = replaced_by(req.patient)?;
     db::write_tx(conn, |conn| {
@@ -298,7 +381,11 @@ pub fn feed(conn: &mut DbConn, s: &MpiSettings, org: &Organization, req: &FeedRe
             Some(target) => merge_source(conn, s, org, req, target, &ids, now)?,
             None => upsert(conn, s, org, req, &ids, now)?,
         };
-        let action = if result.created { Action::Create } else { Action::Update };
+        let action = if result.created {
+            Action::Create
+        } else {
+            Action::Update
+        };
         let record = AuditRecord::new(actor, "rest", action, "patient-feed")
             .entity(format!("Patient/{}", source_ref(result.source_id)))
             .patient(format!("Patient/{}", person_ref(result.enterprise_id)))
@@ -309,29 +396,56 @@ pub fn feed(conn: &mut DbConn, s: &MpiSettings, org: &Organization, req: &FeedRe
 }
 
 fn describe(r: &FeedResult) -> String {
-    let score = r.score.map(|s| format!(" (score {s:.1})")).unwrap_or_default();
-    format!("{} {}{score}; {} review(s) queued", r.outcome, person_ref(r.enterprise_id), r.reviews_queued)
+    let score = r
+        .score
+        .map(|s| format!(" (score {s:.1})"))
+        .unwrap_or_default();
+    format!(
+        "{} {}{score}; {} review(s) queued",
+        r.outcome,
+        person_ref(r.enterprise_id),
+        r.reviews_queued
+    )
 }
 
-fn upsert(conn: &mut DbConn, s: &MpiSettings, org: &Organization, req: &FeedRequest, ids: &[(String, String)], now: i64) -> Result<FeedResult> {
+fn upsert(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    org: &Organization,
+    req: &FeedRequest,
+    ids: &[(String, String)],
+    now: i64,
+) -> Result<FeedResult> {
     let demo = Demographics::from_patient(req.patient, &s.shared_systems);
     let content = content(req.patient, &demo, now);
     let existing = store::find_source(conn, req.system, req.value)?;
     if let Some(e) = &existing {
         if e.org_id != org.id.as_str() {
-            return Err(Error::forbidden("this identifier belongs to another member's record"));
+            return Err(Error::forbidden(
+                "this identifier belongs to another member's record",
+            ));
         }
     }
     let normalised_ids: Vec<(String, String)> = ids.to_vec();
     match existing {
         None => {
-            let candidates = store::candidates(conn, &demo.blocking_keys(), None, s.max_candidates)?;
+            let candidates =
+                store::candidates(conn, &demo.blocking_keys(), None, s.max_candidates)?;
             let eval = evaluate(s, org.id.as_str(), &demo, &candidates, &HashSet::new());
             let (eid, kind) = match &eval.link {
                 Some(l) => (l.enterprise_id, "auto"),
                 None => (store::insert_identity(conn, now)?, "new"),
             };
-            let sid = store::insert_source(conn, org.id.as_str(), req.system, req.value, eid, kind, &content, now)?;
+            let sid = store::insert_source(
+                conn,
+                org.id.as_str(),
+                req.system,
+                req.value,
+                eid,
+                kind,
+                &content,
+                now,
+            )?;
             store::replace_identifiers(conn, sid, &normalised_ids)?;
             store::replace_blocking_keys(conn, sid, &demo.blocking_keys())?;
             let mut result = apply(conn, sid, eid, &eval, now)?;
@@ -348,14 +462,25 @@ fn upsert(conn: &mut DbConn, s: &MpiSettings, org: &Organization, req: &FeedRequ
 }
 
 /// After an update: keep a manual or still-plausible link; otherwise detach and match again.
-fn rematch(conn: &mut DbConn, s: &MpiSettings, org: &Organization, e: SourceRow, demo: &Demographics, now: i64) -> Result<FeedResult> {
-    let others: Vec<SourceRow> = store::members(conn, e.enterprise_id)?.into_iter().filter(|m| m.id != e.id).collect();
+fn rematch(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    org: &Organization,
+    e: SourceRow,
+    demo: &Demographics,
+    now: i64,
+) -> Result<FeedResult> {
+    let others: Vec<SourceRow> = store::members(conn, e.enterprise_id)?
+        .into_iter()
+        .filter(|m| m.id != e.id)
+        .collect();
     let best_with_others = others
         .iter()
         .filter_map(|m| serde_json::from_str::<Demographics>(&m.demographics).ok())
         .map(|d| score::score(demo, &d, &s.weights).total)
         .fold(f64::NEG_INFINITY, f64::max);
-    let keep = e.link_kind == "manual" || (!others.is_empty() && best_with_others >= s.thresholds.review);
+    let keep =
+        e.link_kind == "manual" || (!others.is_empty() && best_with_others >= s.thresholds.review);
     if keep {
         rebuild_golden(conn, e.enterprise_id, now)?;
         return Ok(FeedResult {
@@ -363,14 +488,20 @@ fn rematch(conn: &mut DbConn, s: &MpiSettings, org: &Organization, e: SourceRow,
             enterprise_id: e.enterprise_id,
             created: false,
             outcome: "kept".into(),
-            score: others.is_empty().then_some(None).unwrap_or(Some(best_with_others)),
+            score: others
+                .is_empty()
+                .then_some(None)
+                .unwrap_or(Some(best_with_others)),
             reviews_queued: 0,
         });
     }
     let old_eid = e.enterprise_id;
     let non_matches = store::non_matches_of(conn, e.id)?;
     let candidates = store::candidates(conn, &demo.blocking_keys(), Some(e.id), s.max_candidates)?;
-    let candidates: Vec<SourceRow> = candidates.into_iter().filter(|c| c.enterprise_id != old_eid).collect();
+    let candidates: Vec<SourceRow> = candidates
+        .into_iter()
+        .filter(|c| c.enterprise_id != old_eid)
+        .collect();
     let eval = evaluate(s, org.id.as_str(), demo, &candidates, &non_matches);
     let eid = match (&eval.link, others.is_empty()) {
         (Some(l), _) => l.enterprise_id,
@@ -378,8 +509,20 @@ fn rematch(conn: &mut DbConn, s: &MpiSettings, org: &Organization, e: SourceRow,
         (None, false) => store::insert_identity(conn, now)?,
     };
     if eid != old_eid {
-        store::set_source_identity(conn, e.id, eid, if eval.link.is_some() { "auto" } else { "new" })?;
-        store::insert_history(conn, old_eid, "detach", &json!({ "source": e.id, "to": eid }).to_string(), None, now)?;
+        store::set_source_identity(
+            conn,
+            e.id,
+            eid,
+            if eval.link.is_some() { "auto" } else { "new" },
+        )?;
+        store::insert_history(
+            conn,
+            old_eid,
+            "detach",
+            &json!({ "source": e.id, "to": eid }).to_string(),
+            None,
+            now,
+        )?;
         if others.is_empty() {
             store::set_identity_status(conn, old_eid, "merged", Some(eid), now)?;
         } else {
@@ -400,8 +543,18 @@ fn apply(conn: &mut DbConn, sid: i64, eid: i64, eval: &Evaluation, now: i64) -> 
         (None, false, false) => "review",
         (None, false, true) => "new-identity",
     };
-    let breakdown = best.map(|b| serde_json::to_string(&b.score).unwrap_or_default()).unwrap_or_else(|| "{}".into());
-    store::insert_decision(conn, sid, best.map(|b| b.source_id), outcome, best.map(|b| b.score.total), &breakdown, now)?;
+    let breakdown = best
+        .map(|b| serde_json::to_string(&b.score).unwrap_or_default())
+        .unwrap_or_else(|| "{}".into());
+    store::insert_decision(
+        conn,
+        sid,
+        best.map(|b| b.source_id),
+        outcome,
+        best.map(|b| b.score.total),
+        &breakdown,
+        now,
+    )?;
     let mut queued = 0;
     for (c, kind) in &eval.reviews {
         let breakdown = serde_json::to_string(&c.score).unwrap_or_default();
@@ -439,13 +592,21 @@ fn merge_source(
     now: i64,
 ) -> Result<FeedResult> {
     let survivor = if target.0 == "#src" {
-        target.1.parse().ok().map(|id| store::get_source(conn, id)).transpose()?.flatten()
+        target
+            .1
+            .parse()
+            .ok()
+            .map(|id| store::get_source(conn, id))
+            .transpose()?
+            .flatten()
     } else {
         store::find_source(conn, &target.0, &target.1)?
     };
-    let survivor = survivor
-        .filter(|r| r.status == "active")
-        .ok_or_else(|| Error::not_found("the surviving record named in link replaced-by is not known to the MPI; feed it first"))?;
+    let survivor = survivor.filter(|r| r.status == "active").ok_or_else(|| {
+        Error::not_found(
+            "the surviving record named in link replaced-by is not known to the MPI; feed it first",
+        )
+    })?;
     if survivor.org_id != org.id.as_str() {
         return Err(Error::forbidden("a member can merge only its own records"));
     }
@@ -454,13 +615,25 @@ fn merge_source(
         None => {
             // Never seen: keep it as a retired record so its identifier resolves to the survivor.
             let demo = Demographics::from_patient(req.patient, &s.shared_systems);
-            let sid = store::insert_source(conn, org.id.as_str(), req.system, req.value, survivor.enterprise_id, "manual", &content(req.patient, &demo, now), now)?;
+            let sid = store::insert_source(
+                conn,
+                org.id.as_str(),
+                req.system,
+                req.value,
+                survivor.enterprise_id,
+                "manual",
+                &content(req.patient, &demo, now),
+                now,
+            )?;
             store::replace_identifiers(conn, sid, ids)?;
-            store::get_source(conn, sid)?.ok_or_else(|| Error::internal("source record vanished"))?
+            store::get_source(conn, sid)?
+                .ok_or_else(|| Error::internal("source record vanished"))?
         }
     };
     if old.org_id != org.id.as_str() {
-        return Err(Error::forbidden("this identifier belongs to another member's record"));
+        return Err(Error::forbidden(
+            "this identifier belongs to another member's record",
+        ));
     }
     if old.id == survivor.id {
         return Err(Error::invalid("a record cannot be replaced by itself").at("Patient.link"));
@@ -470,7 +643,14 @@ fn merge_source(
     store::set_source_identity(conn, old.id, survivor.enterprise_id, "manual")?;
     store::replace_blocking_keys(conn, old.id, &[])?;
     let detail = json!({ "source": old.id, "replaced_by": survivor.id }).to_string();
-    store::insert_history(conn, survivor.enterprise_id, "source-merge", &detail, Some(org.id.as_str()), now)?;
+    store::insert_history(
+        conn,
+        survivor.enterprise_id,
+        "source-merge",
+        &detail,
+        Some(org.id.as_str()),
+        now,
+    )?;
     if old_eid != survivor.enterprise_id {
         if store::members(conn, old_eid)?.is_empty() {
             store::set_identity_status(conn, old_eid, "merged", Some(survivor.enterprise_id), now)?;
@@ -490,9 +670,18 @@ fn merge_source(
 }
 
 /// Conditional DELETE: the member's record leaves the MPI (its identity is rebuilt without it).
-pub fn delete(conn: &mut DbConn, org: &Organization, system: &str, value: &str, actor: &Actor) -> Result<i64> {
+pub fn delete(
+    conn: &mut DbConn,
+    org: &Organization,
+    system: &str,
+    value: &str,
+    actor: &Actor,
+) -> Result<i64> {
     if !org.identifier_systems.iter().any(|s| s == system) {
-        return Err(Error::forbidden(format!("identifier system '{system}' is not owned by '{}'", org.id)));
+        return Err(Error::forbidden(format!(
+            "identifier system '{system}' is not owned by '{}'",
+            org.id
+        )));
     }
     db::write_tx(conn, |conn| {
         let now = crate::time::now_micros();
@@ -501,7 +690,14 @@ pub fn delete(conn: &mut DbConn, org: &Organization, system: &str, value: &str, 
             .ok_or_else(|| Error::not_found(format!("no record {system}|{value} in the MPI")))?;
         store::set_source_status(conn, rec.id, "deleted", None, now)?;
         store::replace_blocking_keys(conn, rec.id, &[])?;
-        store::insert_history(conn, rec.enterprise_id, "source-delete", &json!({ "source": rec.id }).to_string(), Some(org.id.as_str()), now)?;
+        store::insert_history(
+            conn,
+            rec.enterprise_id,
+            "source-delete",
+            &json!({ "source": rec.id }).to_string(),
+            Some(org.id.as_str()),
+            now,
+        )?;
         if store::members(conn, rec.enterprise_id)?.is_empty() {
             store::set_identity_status(conn, rec.enterprise_id, "retired", None, now)?;
         } else {
@@ -520,10 +716,16 @@ pub fn delete(conn: &mut DbConn, org: &Organization, system: &str, value: &str, 
 pub fn rebuild_golden(conn: &mut DbConn, eid: i64, now: i64) -> Result<()> {
     let mut members = store::members(conn, eid)?;
     members.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
-    let resources: Vec<Value> = members.iter().filter_map(|m| serde_json::from_str(&m.resource).ok()).collect();
+    let resources: Vec<Value> = members
+        .iter()
+        .filter_map(|m| serde_json::from_str(&m.resource).ok())
+        .collect();
     let mut golden = serde_json::Map::new();
     for key in ["name", "gender", "birthDate", "address", "telecom"] {
-        if let Some(v) = resources.iter().find_map(|r| r.get(key).filter(|v| !v.is_null())) {
+        if let Some(v) = resources
+            .iter()
+            .find_map(|r| r.get(key).filter(|v| !v.is_null()))
+        {
             golden.insert(key.into(), v.clone());
         }
     }
@@ -551,7 +753,9 @@ pub fn people(conn: &mut DbConn, eids: &[i64]) -> Result<Vec<Person>> {
     let identifiers = store::identifiers_of(conn, &member_ids)?;
     let mut out = Vec::new();
     for eid in eids {
-        let Some(row) = idents.iter().find(|i| i.id == *eid) else { continue };
+        let Some(row) = idents.iter().find(|i| i.id == *eid) else {
+            continue;
+        };
         let recs: Vec<&SourceRow> = members.iter().filter(|m| m.enterprise_id == *eid).collect();
         let mut ids: Vec<(String, String)> = identifiers
             .iter()
@@ -566,7 +770,10 @@ pub fn people(conn: &mut DbConn, eids: &[i64]) -> Result<Vec<Person>> {
             merged_into: row.merged_into,
             golden: serde_json::from_str(&row.golden).unwrap_or(Value::Null),
             updated_at: row.updated_at,
-            records: recs.iter().map(|r| (r.id, r.org_id.clone(), r.system.clone(), r.value.clone())).collect(),
+            records: recs
+                .iter()
+                .map(|r| (r.id, r.org_id.clone(), r.system.clone(), r.value.clone()))
+                .collect(),
             identifiers: ids,
         });
     }
@@ -597,7 +804,12 @@ pub fn known_system(conn: &mut DbConn, s: &MpiSettings, system: &str) -> Result<
 }
 
 /// Resolves an identifier (a member's, a shared one, or the enterprise id) to the current identity.
-pub fn resolve_identifier(conn: &mut DbConn, s: &MpiSettings, system: &str, value: &str) -> Result<Option<i64>> {
+pub fn resolve_identifier(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    system: &str,
+    value: &str,
+) -> Result<Option<i64>> {
     if system == s.enterprise_system {
         return match value.parse::<i64>() {
             Ok(eid) => current_identity(conn, eid),
@@ -605,7 +817,11 @@ pub fn resolve_identifier(conn: &mut DbConn, s: &MpiSettings, system: &str, valu
         };
     }
     if let Some(rec) = store::find_source(conn, system, value)? {
-        return if rec.status == "deleted" { Ok(None) } else { current_identity(conn, rec.enterprise_id) };
+        return if rec.status == "deleted" {
+            Ok(None)
+        } else {
+            current_identity(conn, rec.enterprise_id)
+        };
     }
     let value = if s.shared_systems.iter().any(|x| x == system) {
         normalize::identifier_value(value).unwrap_or_default()
@@ -622,7 +838,11 @@ pub fn resolve_identifier(conn: &mut DbConn, s: &MpiSettings, system: &str, valu
             }
         }
     }
-    Ok(if eids.len() == 1 { eids.first().copied() } else { None })
+    Ok(if eids.len() == 1 {
+        eids.first().copied()
+    } else {
+        None
+    })
 }
 
 /// One PIXm cross-reference.
@@ -636,22 +856,44 @@ pub struct CrossReference {
 
 /// ITI-83 with IHE error semantics: unknown source domain 400, unknown patient 404,
 /// unknown target domain 403.
-pub fn cross_reference(conn: &mut DbConn, s: &MpiSettings, system: &str, value: &str, targets: &[String]) -> Result<Vec<CrossReference>> {
+pub fn cross_reference(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    system: &str,
+    value: &str,
+    targets: &[String],
+) -> Result<Vec<CrossReference>> {
     if !known_system(conn, s, system)? {
-        return Err(Error::invalid(format!("sourceIdentifier Assigning Authority '{system}' not found")).at("sourceIdentifier"));
+        return Err(Error::invalid(format!(
+            "sourceIdentifier Assigning Authority '{system}' not found"
+        ))
+        .at("sourceIdentifier"));
     }
     for t in targets {
         if !known_system(conn, s, t)? {
-            return Err(Error::forbidden(format!("targetSystem '{t}' not found")).at("targetSystem"));
+            return Err(
+                Error::forbidden(format!("targetSystem '{t}' not found")).at("targetSystem")
+            );
         }
     }
-    let eid = resolve_identifier(conn, s, system, value)?
-        .ok_or_else(|| Error::not_found("sourceIdentifier Patient Identifier not found").at("sourceIdentifier"))?;
-    let person = people(conn, &[eid])?.pop().ok_or_else(|| Error::not_found("sourceIdentifier Patient Identifier not found"))?;
+    let eid = resolve_identifier(conn, s, system, value)?.ok_or_else(|| {
+        Error::not_found("sourceIdentifier Patient Identifier not found").at("sourceIdentifier")
+    })?;
+    let person = people(conn, &[eid])?
+        .pop()
+        .ok_or_else(|| Error::not_found("sourceIdentifier Patient Identifier not found"))?;
     let member_ids: Vec<i64> = person.records.iter().map(|r| r.0).collect();
-    let mut out = vec![CrossReference { system: s.enterprise_system.clone(), value: eid.to_string(), target_id: person_ref(eid) }];
+    let mut out = vec![CrossReference {
+        system: s.enterprise_system.clone(),
+        value: eid.to_string(),
+        target_id: person_ref(eid),
+    }];
     for (sid, sys, val) in store::identifiers_of(conn, &member_ids)? {
-        out.push(CrossReference { system: sys, value: val, target_id: source_ref(sid) });
+        out.push(CrossReference {
+            system: sys,
+            value: val,
+            target_id: source_ref(sid),
+        });
     }
     out.retain(|x| !(x.system == system && x.value == value));
     if !targets.is_empty() {
@@ -689,20 +931,31 @@ pub struct MatchCandidate {
 }
 
 /// `$match`: the people most likely to be this Patient, best first.
-pub fn match_patient(conn: &mut DbConn, s: &MpiSettings, patient: &Value, count: usize, only_certain: bool) -> Result<Vec<MatchCandidate>> {
+pub fn match_patient(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    patient: &Value,
+    count: usize,
+    only_certain: bool,
+) -> Result<Vec<MatchCandidate>> {
     if patient.get("resourceType").and_then(Value::as_str) != Some("Patient") {
-        return Err(Error::invalid("the 'resource' parameter must be a Patient").at("Parameters.parameter.resource"));
+        return Err(Error::invalid("the 'resource' parameter must be a Patient")
+            .at("Parameters.parameter.resource"));
     }
     let demo = Demographics::from_patient(patient, &s.shared_systems);
     let candidates = store::candidates(conn, &demo.blocking_keys(), None, s.max_candidates)?;
     let mut best: BTreeMap<i64, Score> = BTreeMap::new();
     for c in &candidates {
-        let Ok(other) = serde_json::from_str::<Demographics>(&c.demographics) else { continue };
+        let Ok(other) = serde_json::from_str::<Demographics>(&c.demographics) else {
+            continue;
+        };
         let sc = score::score(&demo, &other, &s.weights);
         if sc.total < s.possible {
             continue;
         }
-        let better = best.get(&c.enterprise_id).is_none_or(|b| sc.total > b.total);
+        let better = best
+            .get(&c.enterprise_id)
+            .is_none_or(|b| sc.total > b.total);
         if better {
             best.insert(c.enterprise_id, sc);
         }
@@ -717,14 +970,26 @@ pub fn match_patient(conn: &mut DbConn, s: &MpiSettings, patient: &Value, count:
             } else {
                 Grade::Possible
             };
-            MatchCandidate { enterprise_id: eid, probability: sc.probability(&s.thresholds), score: sc, grade }
+            MatchCandidate {
+                enterprise_id: eid,
+                probability: sc.probability(&s.thresholds),
+                score: sc,
+                grade,
+            }
         })
         .collect();
     out.sort_by(|a, b| b.score.total.total_cmp(&a.score.total));
     if only_certain {
-        let certain: Vec<MatchCandidate> = out.into_iter().filter(|c| c.grade == Grade::Certain).collect();
+        let certain: Vec<MatchCandidate> = out
+            .into_iter()
+            .filter(|c| c.grade == Grade::Certain)
+            .collect();
         // FHIR: with onlyCertainMatches, return a single certain match or nothing.
-        return Ok(if certain.len() == 1 { certain } else { Vec::new() });
+        return Ok(if certain.len() == 1 {
+            certain
+        } else {
+            Vec::new()
+        });
     }
     out.truncate(count);
     Ok(out)
@@ -743,7 +1008,12 @@ pub struct ReviewItem {
     pub created_at: i64,
 }
 
-pub fn review_queue(conn: &mut DbConn, status: &str, after: i64, limit: i64) -> Result<Vec<ReviewItem>> {
+pub fn review_queue(
+    conn: &mut DbConn,
+    status: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<ReviewItem>> {
     let rows = store::reviews(conn, status, after, limit)?;
     let ids: Vec<i64> = rows.iter().flat_map(|r| [r.source_a, r.source_b]).collect();
     let sources = store::get_sources(conn, &ids)?;
@@ -767,10 +1037,21 @@ pub fn review_queue(conn: &mut DbConn, status: &str, after: i64, limit: i64) -> 
 }
 
 fn actor_name(actor: &Actor) -> String {
-    actor.user_id.clone().or_else(|| actor.org_id.as_ref().map(|o| o.to_string())).unwrap_or_else(|| "operator".into())
+    actor
+        .user_id
+        .clone()
+        .or_else(|| actor.org_id.as_ref().map(|o| o.to_string()))
+        .unwrap_or_else(|| "operator".into())
 }
 
-fn audit_admin(conn: &mut DbConn, actor: &Actor, subtype: &str, entity: String, patient: Option<i64>, desc: String) -> Result<()> {
+fn audit_admin(
+    conn: &mut DbConn,
+    actor: &Actor,
+    subtype: &str,
+    entity: String,
+    patient: Option<i64>,
+    desc: String,
+) -> Result<()> {
     let mut record = AuditRecord::new(actor, "admin", Action::Update, subtype)
         .entity(entity)
         .outcome(crate::audit::Outcome::Success, desc);
@@ -781,7 +1062,13 @@ fn audit_admin(conn: &mut DbConn, actor: &Actor, subtype: &str, entity: String, 
 }
 
 /// Moves every active record of `from` into `into` (recorded, so it can be undone).
-fn move_members(conn: &mut DbConn, from: i64, into: i64, actor: &str, now: i64) -> Result<Vec<i64>> {
+fn move_members(
+    conn: &mut DbConn,
+    from: i64,
+    into: i64,
+    actor: &str,
+    now: i64,
+) -> Result<Vec<i64>> {
     let moved: Vec<i64> = store::members(conn, from)?.iter().map(|m| m.id).collect();
     for id in &moved {
         store::set_source_identity(conn, *id, into, "manual")?;
@@ -796,40 +1083,70 @@ fn move_members(conn: &mut DbConn, from: i64, into: i64, actor: &str, now: i64) 
 
 /// Resolves a review: the same person (link their identities) or not (remember, and separate
 /// them if they were linked).
-pub fn resolve_review(conn: &mut DbConn, id: i64, same_person: bool, actor: &Actor) -> Result<ReviewItem> {
+pub fn resolve_review(
+    conn: &mut DbConn,
+    id: i64,
+    same_person: bool,
+    actor: &Actor,
+) -> Result<ReviewItem> {
     db::write_tx(conn, |conn| {
         let now = crate::time::now_micros();
-        let row = store::get_review(conn, id)?.ok_or_else(|| Error::not_found(format!("no review item {id}")))?;
+        let row = store::get_review(conn, id)?
+            .ok_or_else(|| Error::not_found(format!("no review item {id}")))?;
         if row.status != "open" {
-            return Err(Error::conflict(format!("review item {id} was already resolved ({})", row.status)));
+            return Err(Error::conflict(format!(
+                "review item {id} was already resolved ({})",
+                row.status
+            )));
         }
         let who = actor_name(actor);
-        let a = store::get_source(conn, row.source_a)?.ok_or_else(|| Error::not_found("record gone"))?;
-        let b = store::get_source(conn, row.source_b)?.ok_or_else(|| Error::not_found("record gone"))?;
+        let a = store::get_source(conn, row.source_a)?
+            .ok_or_else(|| Error::not_found("record gone"))?;
+        let b = store::get_source(conn, row.source_b)?
+            .ok_or_else(|| Error::not_found("record gone"))?;
         let desc = if same_person {
             if a.enterprise_id != b.enterprise_id {
                 move_members(conn, b.enterprise_id, a.enterprise_id, &who, now)?;
             }
             store::resolve_review(conn, id, "same", &who, now)?;
-            format!("same person: {} and {} linked in {}", source_ref(a.id), source_ref(b.id), person_ref(a.enterprise_id))
+            format!(
+                "same person: {} and {} linked in {}",
+                source_ref(a.id),
+                source_ref(b.id),
+                person_ref(a.enterprise_id)
+            )
         } else {
             store::insert_non_match(conn, a.id, b.id, now)?;
             if a.enterprise_id == b.enterprise_id {
                 detach(conn, &b, &who, now)?;
             }
             store::resolve_review(conn, id, "different", &who, now)?;
-            format!("not the same person: {} and {} will never be auto-linked", source_ref(a.id), source_ref(b.id))
+            format!(
+                "not the same person: {} and {} will never be auto-linked",
+                source_ref(a.id),
+                source_ref(b.id)
+            )
         };
-        audit_admin(conn, actor, "mpi-review-resolve", format!("MatchReview/{id}"), Some(a.enterprise_id), desc)?;
+        audit_admin(
+            conn,
+            actor,
+            "mpi-review-resolve",
+            format!("MatchReview/{id}"),
+            Some(a.enterprise_id),
+            desc,
+        )?;
         let item = review_queue_item(conn, id)?;
         Ok(item)
     })
 }
 
 fn review_queue_item(conn: &mut DbConn, id: i64) -> Result<ReviewItem> {
-    let row = store::get_review(conn, id)?.ok_or_else(|| Error::not_found(format!("no review item {id}")))?;
-    let a = store::get_source(conn, row.source_a)?.ok_or_else(|| Error::not_found("record gone"))?;
-    let b = store::get_source(conn, row.source_b)?.ok_or_else(|| Error::not_found("record gone"))?;
+    let row = store::get_review(conn, id)?
+        .ok_or_else(|| Error::not_found(format!("no review item {id}")))?;
+    let a =
+        store::get_source(conn, row.source_a)?.ok_or_else(|| Error::not_found("record gone"))?;
+    let b =
+        store::get_source(conn, row.source_b)?.ok_or_else(|| Error::not_found("record gone"))?;
     Ok(ReviewItem {
         id: row.id,
         kind: row.kind,
@@ -865,23 +1182,49 @@ pub fn unlink(conn: &mut DbConn, source_id: i64, actor: &Actor) -> Result<i64> {
         let now = crate::time::now_micros();
         let rec = store::get_source(conn, source_id)?
             .filter(|r| r.status == "active")
-            .ok_or_else(|| Error::not_found(format!("no active record {}", source_ref(source_id))))?;
-        let others: Vec<i64> = store::members(conn, rec.enterprise_id)?.iter().map(|m| m.id).filter(|id| *id != rec.id).collect();
+            .ok_or_else(|| {
+                Error::not_found(format!("no active record {}", source_ref(source_id)))
+            })?;
+        let others: Vec<i64> = store::members(conn, rec.enterprise_id)?
+            .iter()
+            .map(|m| m.id)
+            .filter(|id| *id != rec.id)
+            .collect();
         if others.is_empty() {
-            return Err(Error::conflict(format!("{} is the only record of its identity", source_ref(rec.id))));
+            return Err(Error::conflict(format!(
+                "{} is the only record of its identity",
+                source_ref(rec.id)
+            )));
         }
         for o in &others {
             store::insert_non_match(conn, rec.id, *o, now)?;
         }
         let eid = detach(conn, &rec, &actor_name(actor), now)?;
-        let desc = format!("{} unlinked from {} into {}", source_ref(rec.id), person_ref(rec.enterprise_id), person_ref(eid));
-        audit_admin(conn, actor, "mpi-unlink", format!("Patient/{}", source_ref(rec.id)), Some(rec.enterprise_id), desc)?;
+        let desc = format!(
+            "{} unlinked from {} into {}",
+            source_ref(rec.id),
+            person_ref(rec.enterprise_id),
+            person_ref(eid)
+        );
+        audit_admin(
+            conn,
+            actor,
+            "mpi-unlink",
+            format!("Patient/{}", source_ref(rec.id)),
+            Some(rec.enterprise_id),
+            desc,
+        )?;
         Ok(eid)
     })
 }
 
 /// Merges identity `from` into `into`.
-pub fn merge_identities(conn: &mut DbConn, from: i64, into: i64, actor: &Actor) -> Result<Vec<i64>> {
+pub fn merge_identities(
+    conn: &mut DbConn,
+    from: i64,
+    into: i64,
+    actor: &Actor,
+) -> Result<Vec<i64>> {
     if from == into {
         return Err(Error::invalid("an identity cannot be merged into itself"));
     }
@@ -889,12 +1232,27 @@ pub fn merge_identities(conn: &mut DbConn, from: i64, into: i64, actor: &Actor) 
         let now = crate::time::now_micros();
         for eid in [from, into] {
             if current_identity(conn, eid)? != Some(eid) {
-                return Err(Error::not_found(format!("{} is not a current identity", person_ref(eid))));
+                return Err(Error::not_found(format!(
+                    "{} is not a current identity",
+                    person_ref(eid)
+                )));
             }
         }
         let moved = move_members(conn, from, into, &actor_name(actor), now)?;
-        let desc = format!("{} merged into {} ({} record(s))", person_ref(from), person_ref(into), moved.len());
-        audit_admin(conn, actor, "mpi-merge", format!("Patient/{}", person_ref(from)), Some(into), desc)?;
+        let desc = format!(
+            "{} merged into {} ({} record(s))",
+            person_ref(from),
+            person_ref(into),
+            moved.len()
+        );
+        audit_admin(
+            conn,
+            actor,
+            "mpi-merge",
+            format!("Patient/{}", person_ref(from)),
+            Some(into),
+            desc,
+        )?;
         Ok(moved)
     })
 }
@@ -903,18 +1261,28 @@ pub fn merge_identities(conn: &mut DbConn, from: i64, into: i64, actor: &Actor) 
 pub fn unmerge(conn: &mut DbConn, eid: i64, actor: &Actor) -> Result<Vec<i64>> {
     db::write_tx(conn, |conn| {
         let now = crate::time::now_micros();
-        let ident = store::get_identity(conn, eid)?.ok_or_else(|| Error::not_found(format!("no identity {}", person_ref(eid))))?;
+        let ident = store::get_identity(conn, eid)?
+            .ok_or_else(|| Error::not_found(format!("no identity {}", person_ref(eid))))?;
         if ident.status != "merged" {
-            return Err(Error::conflict(format!("{} is not merged into another identity", person_ref(eid))));
+            return Err(Error::conflict(format!(
+                "{} is not merged into another identity",
+                person_ref(eid)
+            )));
         }
         let last = store::history(conn, eid)?
             .into_iter()
             .rev()
             .find(|h| h.action == "merged-into")
             .ok_or_else(|| Error::conflict(format!("{} has no merge to undo", person_ref(eid))))?;
-        let detail: Value = serde_json::from_str(&last.detail).map_err(|_| Error::internal("bad history entry"))?;
-        let into = detail["into"].as_i64().ok_or_else(|| Error::internal("bad history entry"))?;
-        let sources: Vec<i64> = detail["sources"].as_array().map(|a| a.iter().filter_map(Value::as_i64).collect()).unwrap_or_default();
+        let detail: Value =
+            serde_json::from_str(&last.detail).map_err(|_| Error::internal("bad history entry"))?;
+        let into = detail["into"]
+            .as_i64()
+            .ok_or_else(|| Error::internal("bad history entry"))?;
+        let sources: Vec<i64> = detail["sources"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_i64).collect())
+            .unwrap_or_default();
         let mut restored = Vec::new();
         for sid in sources {
             if let Some(r) = store::get_source(conn, sid)? {
@@ -931,8 +1299,20 @@ pub fn unmerge(conn: &mut DbConn, eid: i64, actor: &Actor) -> Result<Vec<i64>> {
         store::insert_history(conn, into, "unmerged-out", &d, Some(&who), now)?;
         rebuild_golden(conn, eid, now)?;
         rebuild_golden(conn, into, now)?;
-        let desc = format!("{} unmerged from {} ({} record(s) restored)", person_ref(eid), person_ref(into), restored.len());
-        audit_admin(conn, actor, "mpi-unmerge", format!("Patient/{}", person_ref(eid)), Some(eid), desc)?;
+        let desc = format!(
+            "{} unmerged from {} ({} record(s) restored)",
+            person_ref(eid),
+            person_ref(into),
+            restored.len()
+        );
+        audit_admin(
+            conn,
+            actor,
+            "mpi-unmerge",
+            format!("Patient/{}", person_ref(eid)),
+            Some(eid),
+            desc,
+        )?;
         Ok(restored)
     })
 }
@@ -945,4 +1325,3 @@ pub fn explain(conn: &mut DbConn, source_id: i64) -> Result<Vec<store::DecisionR
 pub fn history(conn: &mut DbConn, eid: i64) -> Result<Vec<store::HistoryRow>> {
     store::history(conn, eid)
 }
-

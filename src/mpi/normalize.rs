@@ -67,24 +67,42 @@ pub fn street(raw: &str) -> Option<String> {
     let n = name(raw)?;
     let words: Vec<&str> = n
         .split(' ')
-        .map(|w| STREET_WORDS.iter().find(|(a, _)| *a == w).map(|(_, full)| *full).unwrap_or(w))
+        .map(|w| {
+            STREET_WORDS
+                .iter()
+                .find(|(a, _)| *a == w)
+                .map(|(_, full)| *full)
+                .unwrap_or(w)
+        })
         .collect();
     Some(words.join(" "))
 }
 
 pub fn postcode(raw: &str) -> Option<String> {
-    let p: String = raw.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_uppercase();
+    let p: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_uppercase();
     (!p.is_empty()).then_some(p)
 }
 
 pub fn phone(raw: &str) -> Option<String> {
     let digits: String = raw.chars().filter(char::is_ascii_digit).collect();
-    let tail = if digits.len() > 10 { &digits[digits.len() - 10..] } else { &digits[..] };
+    let tail = if digits.len() > 10 {
+        &digits[digits.len() - 10..]
+    } else {
+        &digits[..]
+    };
     (tail.len() >= 6).then(|| tail.to_string())
 }
 
 pub fn identifier_value(raw: &str) -> Option<String> {
-    let v: String = raw.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_uppercase();
+    let v: String = raw
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_uppercase();
     (!v.is_empty()).then_some(v)
 }
 
@@ -92,10 +110,18 @@ pub fn identifier_value(raw: &str) -> Option<String> {
 pub fn date(raw: &str) -> Option<String> {
     let raw = raw.trim();
     let compact = raw.len() == 8 && raw.bytes().all(|b| b.is_ascii_digit());
-    let full = if compact { format!("{}-{}-{}", &raw[..4], &raw[4..6], &raw[6..]) } else { raw.to_string() };
+    let full = if compact {
+        format!("{}-{}-{}", &raw[..4], &raw[4..6], &raw[6..])
+    } else {
+        raw.to_string()
+    };
     match full.len() {
-        10 => chrono::NaiveDate::parse_from_str(&full, "%Y-%m-%d").ok().map(|d| d.format("%Y-%m-%d").to_string()),
-        7 => chrono::NaiveDate::parse_from_str(&format!("{full}-01"), "%Y-%m-%d").ok().map(|_| full),
+        10 => chrono::NaiveDate::parse_from_str(&full, "%Y-%m-%d")
+            .ok()
+            .map(|d| d.format("%Y-%m-%d").to_string()),
+        7 => chrono::NaiveDate::parse_from_str(&format!("{full}-01"), "%Y-%m-%d")
+            .ok()
+            .map(|_| full),
         4 if full.bytes().all(|b| b.is_ascii_digit()) => Some(full),
         _ => None,
     }
@@ -126,25 +152,46 @@ impl Demographics {
     /// From a FHIR Patient resource. `shared_systems` are the identifier systems that count as
     /// matching evidence.
     pub fn from_patient(p: &Value, shared_systems: &[String]) -> Demographics {
-        let names = p.get("name").and_then(Value::as_array).cloned().unwrap_or_default();
+        let names = p
+            .get("name")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let official = names
             .iter()
             .find(|n| str_at(n, "use") == Some("official"))
-            .or_else(|| names.iter().find(|n| str_at(n, "use") != Some("old") && str_at(n, "use") != Some("maiden")))
+            .or_else(|| {
+                names
+                    .iter()
+                    .find(|n| str_at(n, "use") != Some("old") && str_at(n, "use") != Some("maiden"))
+            })
             .or(names.first());
         let (family, given, middle) = match official {
             Some(n) => {
                 let givens: Vec<String> = n
                     .get("given")
                     .and_then(Value::as_array)
-                    .map(|g| g.iter().filter_map(Value::as_str).filter_map(name).collect())
+                    .map(|g| {
+                        g.iter()
+                            .filter_map(Value::as_str)
+                            .filter_map(name)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let middle = (givens.len() > 1).then(|| givens[1..].join(" "));
-                (str_at(n, "family").and_then(name), givens.first().cloned(), middle)
+                (
+                    str_at(n, "family").and_then(name),
+                    givens.first().cloned(),
+                    middle,
+                )
             }
             None => (None, None, None),
         };
-        let addresses = p.get("address").and_then(Value::as_array).cloned().unwrap_or_default();
+        let addresses = p
+            .get("address")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let address = addresses
             .iter()
             .find(|a| str_at(a, "use") == Some("home"))
@@ -158,12 +205,18 @@ impl Demographics {
                     .and_then(|l| l.first())
                     .and_then(Value::as_str)
                     .and_then(street);
-                (line, str_at(a, "city").and_then(name), str_at(a, "postalCode").and_then(postcode))
+                (
+                    line,
+                    str_at(a, "city").and_then(name),
+                    str_at(a, "postalCode").and_then(postcode),
+                )
             }
             None => (None, None, None),
         };
         let phone = p.get("telecom").and_then(Value::as_array).and_then(|t| {
-            t.iter().filter(|c| str_at(c, "system") == Some("phone")).find_map(|c| str_at(c, "value").and_then(phone))
+            t.iter()
+                .filter(|c| str_at(c, "system") == Some("phone"))
+                .find_map(|c| str_at(c, "value").and_then(phone))
         });
         let mut shared_ids: Vec<(String, String)> = p
             .get("identifier")
@@ -219,7 +272,9 @@ impl Demographics {
             m.sort();
             keys.push(format!("nm:{}:{}", m[0], m[1]));
         }
-        if let (Some(p), Some(gi), Some(fi)) = (&self.postcode, initial(&self.given), initial(&self.family)) {
+        if let (Some(p), Some(gi), Some(fi)) =
+            (&self.postcode, initial(&self.given), initial(&self.family))
+        {
             let (a, b) = if gi <= fi { (gi, fi) } else { (fi, gi) };
             keys.push(format!("pi:{p}:{a}{b}"));
         }
@@ -227,7 +282,10 @@ impl Demographics {
             keys.push(format!("dp:{d}:{p}"));
         }
         if let (Some(s), Some(p)) = (&self.street, &self.postcode) {
-            keys.push(format!("ad:{p}:{}", s.split(' ').take(2).collect::<Vec<_>>().join(" ")));
+            keys.push(format!(
+                "ad:{p}:{}",
+                s.split(' ').take(2).collect::<Vec<_>>().join(" ")
+            ));
         }
         if let Some(ph) = &self.phone {
             keys.push(format!("ph:{ph}"));
@@ -248,9 +306,15 @@ mod tests {
 
     #[test]
     fn names_lose_case_diacritics_and_punctuation() {
-        assert_eq!(name("  José O'Brien-Núñez ").as_deref(), Some("jose obrien nunez"));
+        assert_eq!(
+            name("  José O'Brien-Núñez ").as_deref(),
+            Some("jose obrien nunez")
+        );
         assert_eq!(name("..."), None);
-        assert_eq!(street("12 Wallaby Pl.").as_deref(), Some("12 wallaby place"));
+        assert_eq!(
+            street("12 Wallaby Pl.").as_deref(),
+            Some("12 wallaby place")
+        );
         assert_eq!(phone("+1 (555) 010-2345").as_deref(), Some("5550102345"));
         assert_eq!(postcode("sw1a 1aa").as_deref(), Some("SW1A1AA"));
         assert_eq!(date("19560409").as_deref(), Some("1956-04-09"));
@@ -277,9 +341,17 @@ mod tests {
         assert_eq!(d.given.as_deref(), Some("anna"));
         assert_eq!(d.middle.as_deref(), Some("maria"));
         assert_eq!(d.street.as_deref(), Some("4 main street"));
-        assert_eq!(d.shared_ids, vec![("http://hl7.org/fhir/sid/us-ssn".into(), "123456789".into())]);
+        assert_eq!(
+            d.shared_ids,
+            vec![("http://hl7.org/fhir/sid/us-ssn".into(), "123456789".into())]
+        );
         let keys = d.blocking_keys();
-        assert!(keys.iter().any(|k| k.starts_with("fy:M460:1980")), "{keys:?}");
-        assert!(keys.iter().any(|k| k == "id:http://hl7.org/fhir/sid/us-ssn|123456789"));
+        assert!(
+            keys.iter().any(|k| k.starts_with("fy:M460:1980")),
+            "{keys:?}"
+        );
+        assert!(keys
+            .iter()
+            .any(|k| k == "id:http://hl7.org/fhir/sid/us-ssn|123456789"));
     }
 }

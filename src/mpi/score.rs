@@ -26,7 +26,9 @@ impl Weights {
         for (field, levels) in &table {
             for (level, (m, u)) in levels {
                 if !(*m > 0.0 && *m < 1.0 && *u > 0.0 && *u < 1.0) {
-                    return Err(Error::config(format!("match weights {field}.{level}: m and u must be in (0, 1)")));
+                    return Err(Error::config(format!(
+                        "match weights {field}.{level}: m and u must be in (0, 1)"
+                    )));
                 }
             }
         }
@@ -35,11 +37,17 @@ impl Weights {
 
     pub fn defaults() -> Weights {
         // The embedded table is checked by a unit test.
-        Self::parse(DEFAULT_WEIGHTS).unwrap_or(Weights { table: BTreeMap::new() })
+        Self::parse(DEFAULT_WEIGHTS).unwrap_or(Weights {
+            table: BTreeMap::new(),
+        })
     }
 
     pub fn weight(&self, field: &str, level: &str) -> f64 {
-        self.table.get(field).and_then(|l| l.get(level)).map(|(m, u)| (m / u).log2()).unwrap_or(0.0)
+        self.table
+            .get(field)
+            .and_then(|l| l.get(level))
+            .map(|(m, u)| (m / u).log2())
+            .unwrap_or(0.0)
     }
 
     pub fn to_toml(&self) -> String {
@@ -79,6 +87,8 @@ pub enum Hazard {
     Twin,
     /// Birth dates many years apart (junior/senior, parent/child).
     Generation,
+    /// Same household, different first name and birth date (siblings).
+    Sibling,
     /// Nothing but name and birth date agree (common name, same birthday).
     Uncorroborated,
     /// National/insurance ids differ and name or birth date do not fully agree either.
@@ -88,9 +98,16 @@ pub enum Hazard {
 impl Hazard {
     pub fn describe(self) -> &'static str {
         match self {
-            Hazard::Twin => "same family name and birth date but different given names (possible twins)",
+            Hazard::Twin => {
+                "same family name and birth date but different given names (possible twins)"
+            }
             Hazard::Generation => "birth dates years apart (possible junior/senior)",
-            Hazard::Uncorroborated => "only name and birth date agree; no address, phone or id corroborates",
+            Hazard::Sibling => {
+                "different first name and birth date in the same household (possible siblings)"
+            }
+            Hazard::Uncorroborated => {
+                "only name and birth date agree; no address, phone or id corroborates"
+            }
             Hazard::SharedIdConflict => "national/insurance identifiers differ",
         }
     }
@@ -114,7 +131,10 @@ impl Score {
     }
 
     pub fn level(&self, field: &str) -> Option<&str> {
-        self.fields.iter().find(|f| f.field == field).map(|f| f.level.as_str())
+        self.fields
+            .iter()
+            .find(|f| f.field == field)
+            .map(|f| f.level.as_str())
     }
 }
 
@@ -125,7 +145,16 @@ pub struct Thresholds {
     pub review: f64,
 }
 
-const AGREEING: [&str; 6] = ["exact", "nickname", "close", "similar", "transposed", "typo"];
+const AGREEING: [&str; 6] = [
+    "exact",
+    "nickname",
+    "close",
+    "similar",
+    "transposed",
+    "typo",
+];
+
+const ADDRESS: [&str; 3] = ["street", "postcode", "city"];
 
 /// Levels at which a national id counts as corroborating (a two-edit id does not).
 const ID_AGREEING: [&str; 2] = ["exact", "typo"];
@@ -155,7 +184,11 @@ fn given_level(a: &Demographics, b: &Demographics) -> Option<&'static str> {
         return Some("nickname");
     }
     // A middle name used as the first name on one side.
-    let in_middle = |d: &Demographics, n: &str| d.middle.as_deref().is_some_and(|m| m.split(' ').any(|w| w == n));
+    let in_middle = |d: &Demographics, n: &str| {
+        d.middle
+            .as_deref()
+            .is_some_and(|m| m.split(' ').any(|w| w == n))
+    };
     if in_middle(a, y) || in_middle(b, x) {
         return Some("close");
     }
@@ -167,7 +200,11 @@ fn date_level(a: &str, b: &str) -> &'static str {
         return "exact";
     }
     if a.len() != 10 || b.len() != 10 {
-        return if a.get(..4) == b.get(..4) { "typo" } else { "disagree" };
+        return if a.get(..4) == b.get(..4) {
+            "typo"
+        } else {
+            "disagree"
+        };
     }
     let (ya, ma, da) = (&a[..4], &a[5..7], &a[8..]);
     let (yb, mb, db) = (&b[..4], &b[5..7], &b[8..]);
@@ -178,7 +215,12 @@ fn date_level(a: &str, b: &str) -> &'static str {
     if differing == 1 || (ya == yb && damerau_levenshtein(a, b) == 1) {
         return "typo";
     }
-    let years_apart = ya.parse::<i32>().ok().zip(yb.parse::<i32>().ok()).map(|(x, y)| (x - y).abs()).unwrap_or(99);
+    let years_apart = ya
+        .parse::<i32>()
+        .ok()
+        .zip(yb.parse::<i32>().ok())
+        .map(|(x, y)| (x - y).abs())
+        .unwrap_or(99);
     if differing == 2 && years_apart < 12 {
         return "similar";
     }
@@ -221,37 +263,84 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
     let mut fields = Vec::with_capacity(9);
     let mut push = |field: &str, level: Option<&'static str>| {
         if let Some(level) = level {
-            fields.push(FieldScore { field: field.into(), level: level.into(), weight: w.weight(field, level) });
+            fields.push(FieldScore {
+                field: field.into(),
+                level: level.into(),
+                weight: w.weight(field, level),
+            });
         }
     };
 
     let mut given = given_level(a, b);
     let mut family = both(&a.family, &b.family).map(|(x, y)| string_level(x, y, true));
     // Given and family names swapped on one side.
-    if given == Some("disagree") && family == Some("disagree") && a.given == b.family && a.family == b.given {
+    if given == Some("disagree")
+        && family == Some("disagree")
+        && a.given == b.family
+        && a.family == b.given
+    {
         given = Some("close");
         family = Some("close");
     }
     push("given", given);
     push("family", family);
-    push("birth_date", both(&a.birth_date, &b.birth_date).map(|(x, y)| date_level(x, y)));
-    push("gender", both(&a.gender, &b.gender).map(|(x, y)| if x == y { "agree" } else { "disagree" }));
-    push("postcode", both(&a.postcode, &b.postcode).map(|(x, y)| edit_level(x, y, "close")));
-    push("street", both(&a.street, &b.street).map(|(x, y)| street_level(x, y)));
-    push("city", both(&a.city, &b.city).map(|(x, y)| string_level(x, y, false)));
-    push("phone", both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")));
+    push(
+        "birth_date",
+        both(&a.birth_date, &b.birth_date).map(|(x, y)| date_level(x, y)),
+    );
+    push(
+        "gender",
+        both(&a.gender, &b.gender).map(|(x, y)| if x == y { "agree" } else { "disagree" }),
+    );
+    push(
+        "postcode",
+        both(&a.postcode, &b.postcode).map(|(x, y)| edit_level(x, y, "close")),
+    );
+    push(
+        "street",
+        both(&a.street, &b.street).map(|(x, y)| street_level(x, y)),
+    );
+    push(
+        "city",
+        both(&a.city, &b.city).map(|(x, y)| string_level(x, y, false)),
+    );
+    push(
+        "phone",
+        both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")),
+    );
     let shared = a.shared_ids.iter().find_map(|(sys, va)| {
-        b.shared_ids.iter().find(|(s, _)| s == sys).map(|(_, vb)| match damerau_levenshtein(va, vb) {
-            0 => "exact",
-            1 => "typo",
-            2 if va.len() >= 6 => "similar",
-            _ => "disagree",
+        b.shared_ids.iter().find(|(s, _)| s == sys).map(|(_, vb)| {
+            match damerau_levenshtein(va, vb) {
+                0 => "exact",
+                1 => "typo",
+                2 if va.len() >= 6 => "similar",
+                _ => "disagree",
+            }
         })
     });
     push("shared_id", shared);
 
+    // Street, postcode and city are not independent evidence: together they count at most as
+    // much as an exact street and a bit more.
+    let address: f64 = fields
+        .iter()
+        .filter(|f| ADDRESS.contains(&f.field.as_str()))
+        .map(|f| f.weight.max(0.0))
+        .sum();
+    let cap = 1.4 * w.weight("street", "exact");
+    if address > cap {
+        fields.push(FieldScore {
+            field: "address_cap".into(),
+            level: "correlated".into(),
+            weight: cap - address,
+        });
+    }
     let total = fields.iter().map(|f| f.weight).sum();
-    let s = Score { total, fields, hazards: Vec::new() };
+    let s = Score {
+        total,
+        fields,
+        hazards: Vec::new(),
+    };
     let hazards = hazards(a, b, &s);
     Score { hazards, ..s }
 }
@@ -266,7 +355,9 @@ fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
     if names_differ && agrees("family") && s.level("birth_date") == Some("exact") && !id_exact {
         out.push(Hazard::Twin);
     }
-    let id_agrees = s.level("shared_id").is_some_and(|l| ID_AGREEING.contains(&l));
+    let id_agrees = s
+        .level("shared_id")
+        .is_some_and(|l| ID_AGREEING.contains(&l));
     if s.level("birth_date") == Some("disagree") && !id_agrees {
         let year = |d: &Demographics| d.birth_year().and_then(|y| y.parse::<i32>().ok());
         if let (Some(ya), Some(yb)) = (year(a), year(b)) {
@@ -275,10 +366,21 @@ fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
             }
         }
     }
-    if !["street", "postcode", "phone", "shared_id"].iter().any(|f| agrees(f)) {
+    if names_differ
+        && matches!(s.level("birth_date"), Some("disagree") | Some("similar"))
+        && !id_agrees
+    {
+        out.push(Hazard::Sibling);
+    }
+    if !["street", "postcode", "phone", "shared_id"]
+        .iter()
+        .any(|f| agrees(f))
+    {
         out.push(Hazard::Uncorroborated);
     }
-    if s.level("shared_id") == Some("disagree") && (names_differ || s.level("birth_date") != Some("exact")) {
+    if s.level("shared_id") == Some("disagree")
+        && (names_differ || s.level("birth_date") != Some("exact"))
+    {
         out.push(Hazard::SharedIdConflict);
     }
     out

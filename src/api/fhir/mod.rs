@@ -19,8 +19,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/metadata", web::get().to(metadata::capability_statement))
             .route("/Patient/$ihe-pix", web::get().to(patient::pix))
             .route("/Patient/$match", web::post().to(patient::match_op))
-            .route("/Patient/$review-queue", web::get().to(patient::review_queue))
-            .route("/Patient/$resolve-review", web::post().to(patient::resolve_review))
+            .route(
+                "/Patient/$review-queue",
+                web::get().to(patient::review_queue),
+            )
+            .route(
+                "/Patient/$resolve-review",
+                web::post().to(patient::resolve_review),
+            )
             .route("/Patient/$unlink", web::post().to(patient::unlink))
             .route("/Patient/$merge", web::post().to(patient::merge))
             .route("/Patient/$unmerge", web::post().to(patient::unmerge))

@@ -1,0 +1,94 @@
+//! Estimates Fellegi–Sunter m/u probabilities from the loaded data with the EM algorithm
+//! (conditional independence of fields), over candidate pairs found by blocking.
+
+use std::collections::BTreeMap;
+
+use super::normalize::Demographics;
+use super::score::{self, Weights};
+use crate::db::mpi as store;
+use crate::db::DbConn;
+use crate::error::Result;
+
+/// Comparison levels of one pair: (field, level) for each field present on both sides.
+type Vector = Vec<(String, String)>;
+
+fn pairs(conn: &mut DbConn, w: &Weights, sample: i64) -> Result<Vec<Vector>> {
+    use crate::db::schema::source_records;
+    use diesel::prelude::*;
+    let rows: Vec<store::SourceRow> = source_records::table
+        .filter(source_records::status.eq("active"))
+        .order(source_records::id.asc())
+        .limit(sample)
+        .load(conn)?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let Ok(a) = serde_json::from_str::<Demographics>(&r.demographics) else {
+            continue;
+        };
+        for c in store::candidates(conn, &a.blocking_keys(), Some(r.id), 50)? {
+            if c.id < r.id {
+                continue;
+            }
+            let Ok(b) = serde_json::from_str::<Demographics>(&c.demographics) else {
+                continue;
+            };
+            let s = score::score(&a, &b, w);
+            out.push(s.fields.into_iter().map(|f| (f.field, f.level)).collect());
+        }
+    }
+    Ok(out)
+}
+
+/// Runs EM starting from `start`; returns the estimated weights and the match proportion.
+pub fn estimate(
+    conn: &mut DbConn,
+    start: &Weights,
+    sample: i64,
+    iterations: usize,
+) -> Result<(Weights, f64, usize)> {
+    let vectors = pairs(conn, start, sample)?;
+    let mut table = start.table().clone();
+    let mut p: f64 = 0.1;
+    for _ in 0..iterations {
+        let mut m_num: BTreeMap<(String, String), f64> = BTreeMap::new();
+        let mut u_num: BTreeMap<(String, String), f64> = BTreeMap::new();
+        let mut m_den: BTreeMap<String, f64> = BTreeMap::new();
+        let mut u_den: BTreeMap<String, f64> = BTreeMap::new();
+        let mut g_sum = 0.0;
+        for v in &vectors {
+            let (mut lm, mut lu) = (p.ln(), (1.0 - p).ln());
+            for (f, l) in v {
+                if let Some((m, u)) = table.get(f).and_then(|t| t.get(l)) {
+                    lm += m.ln();
+                    lu += u.ln();
+                }
+            }
+            let g = 1.0 / (1.0 + (lu - lm).exp());
+            g_sum += g;
+            for (f, l) in v {
+                *m_num.entry((f.clone(), l.clone())).or_default() += g;
+                *u_num.entry((f.clone(), l.clone())).or_default() += 1.0 - g;
+                *m_den.entry(f.clone()).or_default() += g;
+                *u_den.entry(f.clone()).or_default() += 1.0 - g;
+            }
+        }
+        if vectors.is_empty() {
+            break;
+        }
+        p = (g_sum / vectors.len() as f64).clamp(1e-6, 1.0 - 1e-6);
+        for (field, levels) in table.iter_mut() {
+            for (level, (m, u)) in levels.iter_mut() {
+                let key = (field.clone(), level.clone());
+                if let (Some(md), Some(ud)) = (m_den.get(field), u_den.get(field)) {
+                    if *md > 0.0 {
+                        *m = (m_num.get(&key).copied().unwrap_or(0.0) / md).clamp(1e-6, 1.0 - 1e-6);
+                    }
+                    if *ud > 0.0 {
+                        *u = (u_num.get(&key).copied().unwrap_or(0.0) / ud).clamp(1e-7, 1.0 - 1e-6);
+                    }
+                }
+            }
+        }
+    }
+    Ok((Weights::from_table(table), p, vectors.len()))
+}

@@ -1,0 +1,929 @@
+//! The master patient index over real mutual TLS, on SQLite and PostgreSQL.
+
+mod common;
+
+use common::{Backend, Exchange};
+use serde_json::{json, Value};
+
+const HOSP: &str = "urn:oid:2.16.840.1.113883.3.1";
+const LAB: &str = "urn:oid:2.16.840.1.113883.3.2";
+const SSN: &str = "http://hl7.org/fhir/sid/us-ssn";
+
+struct Region {
+    ex: Exchange,
+    hospital: reqwest::Client,
+    lab: reqwest::Client,
+    ops: reqwest::Client,
+}
+
+fn region(backend: &Backend) -> Region {
+    let ex = Exchange::start(backend);
+    let hospital = ex.client(&ex.enroll(
+        "general-hospital",
+        "hospital",
+        &["--identifier-system", HOSP],
+    ));
+    let lab = ex.client(&ex.enroll("city-lab", "lab", &["--identifier-system", LAB]));
+    let ops = ex.client(&ex.enroll("exchange-ops", "operator", &[]));
+    Region {
+        ex,
+        hospital,
+        lab,
+        ops,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn patient(
+    system: &str,
+    mrn: &str,
+    given: &str,
+    family: &str,
+    dob: &str,
+    street: &str,
+    postcode: &str,
+    ssn: Option<&str>,
+) -> Value {
+    let mut ids = vec![json!({ "system": system, "value": mrn })];
+    if let Some(s) = ssn {
+        ids.push(json!({ "system": SSN, "value": s }));
+    }
+    json!({
+        "resourceType": "Patient",
+        "identifier": ids,
+        "name": [{ "family": family, "given": [given] }],
+        "birthDate": dob,
+        "address": [{ "line": [street], "city": "Springfield", "postalCode": postcode }]
+    })
+}
+
+async fn put(
+    client: &reqwest::Client,
+    ex: &Exchange,
+    system: &str,
+    mrn: &str,
+    body: &Value,
+) -> (u16, Value, String) {
+    let resp = client
+        .put(ex.url(&format!("Patient?identifier={system}|{mrn}")))
+        .header("X-Purpose-Of-Use", "TREAT")
+        .header("Content-Type", "application/fhir+json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("put");
+    let status = resp.status().as_u16();
+    let outcome = resp
+        .headers()
+        .get("x-mpi-outcome")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (status, resp.json().await.unwrap_or(Value::Null), outcome)
+}
+
+async fn get(client: &reqwest::Client, url: &str, purpose: &str) -> (u16, Value) {
+    let resp = client
+        .get(url)
+        .header("X-Purpose-Of-Use", purpose)
+        .send()
+        .await
+        .expect("get");
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+async fn post(client: &reqwest::Client, url: &str, purpose: &str, body: &Value) -> (u16, Value) {
+    let resp = client
+        .post(url)
+        .header("X-Purpose-Of-Use", purpose)
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("post");
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    )
+}
+
+fn person_of(source_body: &Value) -> String {
+    source_body["link"][0]["other"]["reference"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn pix(r: &Region, system: &str, value: &str, target: Option<&str>) -> (u16, Value) {
+    let mut url = r.ex.url(&format!(
+        "Patient/$ihe-pix?sourceIdentifier={system}|{value}"
+    ));
+    if let Some(t) = target {
+        url.push_str(&format!("&targetSystem={t}"));
+    }
+    get(&r.hospital, &url, "TREAT").await
+}
+
+fn target_values(params: &Value, system: &str) -> Vec<String> {
+    params["parameter"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .filter(|p| {
+                    p["name"] == "targetIdentifier" && p["valueIdentifier"]["system"] == system
+                })
+                .filter_map(|p| p["valueIdentifier"]["value"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn same_person(r: &Region, a: (&str, &str), b: (&str, &str)) -> bool {
+    let (status, params) = pix(r, a.0, a.1, Some(b.0)).await;
+    status == 200 && target_values(&params, b.0).contains(&b.1.to_string())
+}
+
+async fn hospital_record_is_found_across_the_region(backend: Backend) {
+    let r = region(&backend);
+    let (status, body, outcome) = put(
+        &r.hospital,
+        &r.ex,
+        HOSP,
+        "H-100",
+        &patient(
+            HOSP,
+            "H-100",
+            "William",
+            "Johnson",
+            "1970-01-02",
+            "12 Oak Road",
+            "99501",
+            Some("123-45-6789"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert!(outcome.starts_with("new-identity"), "{outcome}");
+    // The lab knows him as Bill, with day and month swapped and a typo in the surname.
+    let (status, lab_body, outcome) = put(
+        &r.lab,
+        &r.ex,
+        LAB,
+        "L-7",
+        &patient(
+            LAB,
+            "L-7",
+            "Bill",
+            "Jonson",
+            "1970-02-01",
+            "12 Oak Rd",
+            "99501",
+            Some("123456789"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert!(outcome.starts_with("linked"), "{outcome}");
+    assert_eq!(person_of(&body), person_of(&lab_body));
+
+    // PIXm: the hospital's MRN cross-references to the lab's and the enterprise id.
+    let (status, params) = pix(&r, HOSP, "H-100", None).await;
+    assert_eq!(status, 200, "{params}");
+    assert_eq!(target_values(&params, LAB), vec!["L-7"]);
+    assert_eq!(target_values(&params, "urn:hie-broker:enterprise").len(), 1);
+    let (_, only_lab) = pix(&r, HOSP, "H-100", Some(LAB)).await;
+    assert_eq!(
+        only_lab["parameter"].as_array().map(Vec::len),
+        Some(2),
+        "targetIdentifier + targetId: {only_lab}"
+    );
+
+    // PDQm: one entry per person, with every identifier.
+    let (status, bundle) = get(
+        &r.hospital,
+        &r.ex.url("Patient?family=john&birthdate=1970-01-02"),
+        "TREAT",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(bundle["total"], 1, "{bundle}");
+    let ids = bundle["entry"][0]["resource"]["identifier"].to_string();
+    assert!(ids.contains("H-100") && ids.contains("L-7"), "{ids}");
+    let (_, phonetic) = get(
+        &r.hospital,
+        &r.ex.url("Patient?family:phonetic=jonsen"),
+        "TREAT",
+    )
+    .await;
+    assert_eq!(phonetic["total"], 1);
+    let (_, exact) = get(&r.hospital, &r.ex.url("Patient?family:exact=john"), "TREAT").await;
+    assert_eq!(exact["total"], 0);
+    let (_, by_id) = get(
+        &r.hospital,
+        &r.ex.url(&format!("Patient?identifier={LAB}|L-7")),
+        "TREAT",
+    )
+    .await;
+    assert_eq!(by_id["total"], 1);
+
+    // An update keeps the link and answers 200.
+    let (status, _, outcome) = put(
+        &r.lab,
+        &r.ex,
+        LAB,
+        "L-7",
+        &patient(
+            LAB,
+            "L-7",
+            "Bill",
+            "Johnson",
+            "1970-01-02",
+            "12 Oak Rd",
+            "99501",
+            Some("123456789"),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(outcome.starts_with("kept"), "{outcome}");
+
+    // Reading the person and a source record.
+    let person = person_of(&lab_body);
+    let (status, p) = get(&r.hospital, &r.ex.url(&person), "TREAT").await;
+    assert_eq!(status, 200);
+    assert_eq!(p["link"].as_array().map(Vec::len), Some(2));
+}
+on_both_backends!(hospital_record_is_found_across_the_region);
+
+async fn a_member_writes_only_its_own_identifiers(backend: Backend) {
+    let r = region(&backend);
+    let good = patient(
+        HOSP,
+        "H-1",
+        "Ann",
+        "Lee",
+        "1990-03-04",
+        "1 Elm St",
+        "10001",
+        None,
+    );
+    // The lab may not write under the hospital's assigning authority...
+    let (status, body, _) = put(&r.lab, &r.ex, HOSP, "H-1", &good).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    // ...nor slip the hospital's identifier in beside its own.
+    let mut sneaky = patient(
+        LAB,
+        "L-1",
+        "Ann",
+        "Lee",
+        "1990-03-04",
+        "1 Elm St",
+        "10001",
+        None,
+    );
+    sneaky["identifier"]
+        .as_array_mut()
+        .expect("ids")
+        .push(json!({ "system": HOSP, "value": "H-1" }));
+    let (status, body, _) = put(&r.lab, &r.ex, LAB, "L-1", &sneaky).await;
+    assert_eq!(status, 403, "{body}");
+    // Broken requests are 400s naming the problem.
+    let resp = r
+        .lab
+        .put(r.ex.url(&format!("Patient?identifier={LAB}|L-1")))
+        .header("X-Purpose-Of-Use", "TREAT")
+        .body("{not json")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), 400);
+    let (status, body, _) = put(&r.lab, &r.ex, LAB, "L-2", &good).await;
+    assert_eq!(status, 400, "identifier missing from the resource: {body}");
+    let mut bad_date = patient(
+        LAB,
+        "L-3",
+        "Ann",
+        "Lee",
+        "1990-13-45",
+        "1 Elm St",
+        "10001",
+        None,
+    );
+    let (status, body, _) = put(&r.lab, &r.ex, LAB, "L-3", &bad_date).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["issue"][0]["expression"][0], "Patient.birthDate");
+    bad_date["birthDate"] = json!("1990-03-04");
+    bad_date["resourceType"] = json!("Observation");
+    assert_eq!(put(&r.lab, &r.ex, LAB, "L-3", &bad_date).await.0, 400);
+    // Nothing was written by any of the refused requests.
+    let (_, found) = get(&r.hospital, &r.ex.url("Patient?family=lee"), "TREAT").await;
+    assert_eq!(found["total"], 0, "{found}");
+}
+on_both_backends!(a_member_writes_only_its_own_identifiers);
+
+async fn pix_follows_ihe_error_semantics(backend: Backend) {
+    let r = region(&backend);
+    put(
+        &r.hospital,
+        &r.ex,
+        HOSP,
+        "H-5",
+        &patient(
+            HOSP,
+            "H-5",
+            "Omar",
+            "Haddad",
+            "1985-06-07",
+            "5 Pine St",
+            "20002",
+            None,
+        ),
+    )
+    .await;
+    let (status, body) = pix(&r, "urn:oid:9.9.9", "X", None).await;
+    assert_eq!(status, 400, "unknown assigning authority: {body}");
+    let (status, body) = pix(&r, HOSP, "NOPE", None).await;
+    assert_eq!(status, 404, "unknown patient: {body}");
+    assert!(body["issue"][0]["diagnostics"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("not found"));
+    let (status, body) = pix(&r, HOSP, "H-5", Some("urn:oid:7.7.7")).await;
+    assert_eq!(status, 403, "unknown target system: {body}");
+    let (status, _) = pix(&r, HOSP, "H-5", Some(LAB)).await;
+    assert_eq!(
+        status, 200,
+        "known target with no identifier there is an empty answer"
+    );
+}
+on_both_backends!(pix_follows_ihe_error_semantics);
+
+async fn look_alikes_are_never_auto_linked(backend: Backend) {
+    let r = region(&backend);
+    let cases = [
+        // Twins: same surname, birth date and address, different given names.
+        (
+            ("Alice", "Moreau", "2001-05-05", "4 Main St", "30003"),
+            ("Emily", "Moreau", "2001-05-05", "4 Main St", "30003"),
+        ),
+        // Junior and senior: same name and address, birth dates decades apart.
+        (
+            ("John", "Carter", "1950-05-05", "9 Hill Rd", "40004"),
+            ("John", "Carter", "1978-09-12", "9 Hill Rd", "40004"),
+        ),
+        // Siblings: same surname and address, different names and birth dates.
+        (
+            ("Maria", "Okafor", "1992-01-10", "7 Bay St", "50005"),
+            ("Daniel", "Okafor", "1995-08-22", "7 Bay St", "50005"),
+        ),
+        // Different people with a common name and the same birthday.
+        (
+            ("James", "Smith", "1980-01-01", "1 First Ave", "60006"),
+            ("James", "Smith", "1980-01-01", "200 Lake Dr", "61234"),
+        ),
+    ];
+    for (i, (a, b)) in cases.iter().enumerate() {
+        let (ha, la) = (format!("H-{i}"), format!("L-{i}"));
+        put(
+            &r.hospital,
+            &r.ex,
+            HOSP,
+            &ha,
+            &patient(HOSP, &ha, a.0, a.1, a.2, a.3, a.4, None),
+        )
+        .await;
+        let (_, _, outcome) = put(
+            &r.lab,
+            &r.ex,
+            LAB,
+            &la,
+            &patient(LAB, &la, b.0, b.1, b.2, b.3, b.4, None),
+        )
+        .await;
+        assert!(
+            !outcome.starts_with("linked"),
+            "case {i} must not be linked: {outcome}"
+        );
+        assert!(
+            !same_person(&r, (HOSP, &ha), (LAB, &la)).await,
+            "case {i} linked"
+        );
+    }
+    // The twins are queued for an operator, with the reason.
+    let (status, queue) = get(&r.ops, &r.ex.url("Patient/$review-queue"), "HOPERAT").await;
+    assert_eq!(status, 200);
+    assert!(
+        queue.to_string().contains("twin"),
+        "{}",
+        serde_json::to_string_pretty(&queue).unwrap_or_default()
+    );
+}
+on_both_backends!(look_alikes_are_never_auto_linked);
+
+async fn known_variations_still_link(backend: Backend) {
+    let r = region(&backend);
+    let cases = [
+        // Married-name change: new surname, same given name, birth date and national id.
+        (
+            (
+                "Sarah",
+                "Brown",
+                "1988-11-23",
+                "3 Rose St",
+                "70007",
+                "111-22-3333",
+            ),
+            (
+                "Sarah",
+                "Whitfield",
+                "1988-11-23",
+                "3 Rose St",
+                "70007",
+                "111223333",
+            ),
+        ),
+        // A move: new address, same national id.
+        (
+            (
+                "Peter",
+                "Novak",
+                "1975-04-17",
+                "8 Ash St",
+                "80008",
+                "222-33-4444",
+            ),
+            (
+                "Peter",
+                "Novak",
+                "1975-04-17",
+                "99 Cedar Ave",
+                "80100",
+                "222334444",
+            ),
+        ),
+        // Typos and a nickname.
+        (
+            (
+                "Elizabeth",
+                "Fitzgerald",
+                "1966-07-30",
+                "15 Birch Ln",
+                "90009",
+                "333-44-5555",
+            ),
+            (
+                "Liz",
+                "Fitzgerlad",
+                "1966-07-30",
+                "15 Birch Lane",
+                "90009",
+                "333445555",
+            ),
+        ),
+    ];
+    for (i, (a, b)) in cases.iter().enumerate() {
+        let (ha, la) = (format!("H-{i}"), format!("L-{i}"));
+        put(
+            &r.hospital,
+            &r.ex,
+            HOSP,
+            &ha,
+            &patient(HOSP, &ha, a.0, a.1, a.2, a.3, a.4, Some(a.5)),
+        )
+        .await;
+        let (_, _, outcome) = put(
+            &r.lab,
+            &r.ex,
+            LAB,
+            &la,
+            &patient(LAB, &la, b.0, b.1, b.2, b.3, b.4, Some(b.5)),
+        )
+        .await;
+        assert!(
+            outcome.starts_with("linked"),
+            "case {i} should link: {outcome}"
+        );
+        assert!(same_person(&r, (HOSP, &ha), (LAB, &la)).await, "case {i}");
+    }
+}
+on_both_backends!(known_variations_still_link);
+
+async fn er_finds_a_stranger_with_match(backend: Backend) {
+    let r = region(&backend);
+    let er = r.ex.client(&r.ex.enroll("city-er", "emergency", &[]));
+    let mut p = patient(
+        HOSP,
+        "H-9",
+        "Grace",
+        "Kim",
+        "1959-12-01",
+        "42 Harbor Rd",
+        "11011",
+        Some("555-66-7777"),
+    );
+    p["gender"] = json!("female");
+    p["telecom"] = json!([{ "system": "phone", "value": "(555) 010-9999" }]);
+    put(&r.hospital, &r.ex, HOSP, "H-9", &p).await;
+    put(
+        &r.hospital,
+        &r.ex,
+        HOSP,
+        "H-10",
+        &patient(
+            HOSP,
+            "H-10",
+            "Grace",
+            "Kim",
+            "1961-02-03",
+            "5 Other St",
+            "22022",
+            None,
+        ),
+    )
+    .await;
+    // Unconscious, no name: a birth date from a bracelet, the postcode, a phone number in the wallet.
+    let query = json!({ "resourceType": "Parameters", "parameter": [
+        { "name": "resource", "resource": {
+            "resourceType": "Patient", "gender": "female", "birthDate": "1959-12-01",
+            "telecom": [{ "system": "phone", "value": "555-010-9999" }],
+            "address": [{ "postalCode": "11011" }] } },
+        { "name": "count", "valueInteger": 5 }
+    ]});
+    let (status, bundle) = post(&er, &r.ex.url("Patient/$match"), "ETREAT", &query).await;
+    assert_eq!(status, 200, "{bundle}");
+    let first = &bundle["entry"][0];
+    assert!(
+        first["resource"]["identifier"].to_string().contains("H-9"),
+        "{bundle}"
+    );
+    let score = first["search"]["score"].as_f64().expect("score");
+    assert!(score > 0.5 && score <= 1.0, "{score}");
+    assert!(first["search"]["extension"][0]["url"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("match-grade"));
+    // With name and national id it is certain; onlyCertainMatches returns exactly that one.
+    let certain = json!({ "resourceType": "Parameters", "parameter": [
+        { "name": "resource", "resource": {
+            "resourceType": "Patient", "name": [{ "family": "Kim", "given": ["Grace"] }], "birthDate": "1959-12-01",
+            "identifier": [{ "system": SSN, "value": "555667777" }] } },
+        { "name": "onlyCertainMatches", "valueBoolean": true }
+    ]});
+    let (_, bundle) = post(&er, &r.ex.url("Patient/$match"), "ETREAT", &certain).await;
+    assert_eq!(bundle["total"], 1, "{bundle}");
+    assert_eq!(
+        bundle["entry"][0]["search"]["extension"][0]["valueCode"],
+        "certain"
+    );
+    let (status, _) = post(
+        &er,
+        &r.ex.url("Patient/$match"),
+        "ETREAT",
+        &json!({ "resourceType": "Parameters" }),
+    )
+    .await;
+    assert_eq!(status, 400);
+}
+on_both_backends!(er_finds_a_stranger_with_match);
+
+async fn a_member_merges_its_duplicate_records(backend: Backend) {
+    let r = region(&backend);
+    put(
+        &r.hospital,
+        &r.ex,
+        HOSP,
+        "H-1",
+        &patient(
+            HOSP,
+            "H-1",
+            "Noah",
+            "Fischer",
+            "2010-10-10",
+            "2 Lake St",
+            "33033",
+            Some("777-88-9999"),
+        ),
+    )
+    .await;
+    let (_, _, outcome) = put(
+        &r.hospital,
+        &r.ex,
+        HOSP,
+        "H-2",
+        &patient(
+            HOSP,
+            "H-2",
+            "Noah",
+            "Fischer",
+            "2010-10-10",
+            "2 Lake St",
+            "33033",
+            Some("777889999"),
+        ),
+    )
+    .await;
+    assert!(
+        outcome.contains("review(s) queued") || outcome.starts_with("linked"),
+        "{outcome}"
+    );
+    // Flagged for the member as a potential duplicate.
+    let (_, queue) = get(&r.ops, &r.ex.url("Patient/$review-queue"), "HOPERAT").await;
+    assert!(queue.to_string().contains("potential-duplicate"), "{queue}");
+    // ITI-104 merge: H-2 is replaced by H-1.
+    let mut old = patient(
+        HOSP,
+        "H-2",
+        "Noah",
+        "Fischer",
+        "2010-10-10",
+        "2 Lake St",
+        "33033",
+        None,
+    );
+    old["active"] = json!(false);
+    old["link"] = json!([{ "type": "replaced-by", "other": { "identifier": { "system": HOSP, "value": "H-1" } } }]);
+    let (status, body, outcome) = put(&r.hospital, &r.ex, HOSP, "H-2", &old).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(outcome.starts_with("merged"), "{outcome}");
+    // The old identifier now resolves to the surviving record's person.
+    let (status, params) = pix(&r, HOSP, "H-2", None).await;
+    assert_eq!(status, 200);
+    assert!(
+        target_values(&params, HOSP).contains(&"H-1".to_string()),
+        "{params}"
+    );
+    // Another member may not merge the hospital's records.
+    let mut theirs = patient(
+        LAB,
+        "L-1",
+        "Noah",
+        "Fischer",
+        "2010-10-10",
+        "2 Lake St",
+        "33033",
+        None,
+    );
+    theirs["link"] = json!([{ "type": "replaced-by", "other": { "identifier": { "system": HOSP, "value": "H-1" } } }]);
+    put(
+        &r.lab,
+        &r.ex,
+        LAB,
+        "L-1",
+        &patient(
+            LAB,
+            "L-1",
+            "Noah",
+            "Fischer",
+            "2010-10-10",
+            "2 Lake St",
+            "33033",
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(put(&r.lab, &r.ex, LAB, "L-1", &theirs).await.0, 403);
+    // Conditional delete.
+    let resp = r
+        .hospital
+        .delete(r.ex.url(&format!("Patient?identifier={HOSP}|H-1")))
+        .header("X-Purpose-Of-Use", "TREAT")
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status(), 204);
+    assert_eq!(pix(&r, HOSP, "H-1", None).await.0, 404);
+}
+on_both_backends!(a_member_merges_its_duplicate_records);
+
+async fn operators_review_link_merge_and_unmerge(backend: Backend) {
+    let r = region(&backend);
+    // A twin-like pair goes to review.
+    put(
+        &r.hospital,
+        &r.ex,
+        HOSP,
+        "H-1",
+        &patient(
+            HOSP,
+            "H-1",
+            "Lena",
+            "Vogel",
+            "1999-09-09",
+            "6 Park St",
+            "44044",
+            None,
+        ),
+    )
+    .await;
+    put(
+        &r.lab,
+        &r.ex,
+        LAB,
+        "L-1",
+        &patient(
+            LAB,
+            "L-1",
+            "Mia",
+            "Vogel",
+            "1999-09-09",
+            "6 Park St",
+            "44044",
+            None,
+        ),
+    )
+    .await;
+    let (status, denied) = get(&r.hospital, &r.ex.url("Patient/$review-queue"), "TREAT").await;
+    assert_eq!(status, 403, "{denied}");
+    let (_, queue) = get(&r.ops, &r.ex.url("Patient/$review-queue"), "HOPERAT").await;
+    let item = queue["parameter"]
+        .as_array()
+        .and_then(|p| {
+            p.iter()
+                .find(|i| i["part"][1]["valueCode"] == "potential-match")
+        })
+        .cloned()
+        .expect("queued");
+    let id = item["part"][0]["valueInteger"].as_i64().expect("id");
+    // Not the same person: remembered, so an update never links them.
+    let resolve = |res: &str| {
+        json!({ "resourceType": "Parameters", "parameter": [
+        { "name": "review", "valueInteger": id }, { "name": "resolution", "valueCode": res } ] })
+    };
+    let (status, body) = post(
+        &r.ops,
+        &r.ex.url("Patient/$resolve-review"),
+        "HOPERAT",
+        &resolve("not-same-person"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = post(
+        &r.ops,
+        &r.ex.url("Patient/$resolve-review"),
+        "HOPERAT",
+        &resolve("same-person"),
+    )
+    .await;
+    assert_eq!(status, 409, "already resolved");
+    let (_, _, outcome) = put(
+        &r.lab,
+        &r.ex,
+        LAB,
+        "L-1",
+        &patient(
+            LAB,
+            "L-1",
+            "Lena",
+            "Vogel",
+            "1999-09-09",
+            "6 Park St",
+            "44044",
+            None,
+        ),
+    )
+    .await;
+    assert!(
+        !outcome.starts_with("linked"),
+        "not-a-match is remembered: {outcome}"
+    );
+    assert!(!same_person(&r, (HOSP, "H-1"), (LAB, "L-1")).await);
+
+    // Merge two identities by hand, then undo it.
+    let a = put(
+        &r.hospital,
+        &r.ex,
+        HOSP,
+        "H-2",
+        &patient(
+            HOSP,
+            "H-2",
+            "Tom",
+            "Ruiz",
+            "1960-01-01",
+            "1 A St",
+            "55055",
+            None,
+        ),
+    )
+    .await
+    .1;
+    let b = put(
+        &r.lab,
+        &r.ex,
+        LAB,
+        "L-2",
+        &patient(
+            LAB,
+            "L-2",
+            "Tomas",
+            "Ruis",
+            "1961-06-06",
+            "77 B Ave",
+            "56056",
+            None,
+        ),
+    )
+    .await
+    .1;
+    let (pa, pb) = (person_of(&a), person_of(&b));
+    assert_ne!(pa, pb);
+    let merge = json!({ "resourceType": "Parameters", "parameter": [
+        { "name": "source", "valueReference": { "reference": pb } }, { "name": "target", "valueReference": { "reference": pa } } ] });
+    let (status, body) = post(&r.ops, &r.ex.url("Patient/$merge"), "HOPERAT", &merge).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(same_person(&r, (HOSP, "H-2"), (LAB, "L-2")).await);
+    let unmerge = json!({ "resourceType": "Parameters", "parameter": [{ "name": "patient", "valueReference": { "reference": pb } }] });
+    let (status, body) = post(&r.ops, &r.ex.url("Patient/$unmerge"), "HOPERAT", &unmerge).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!same_person(&r, (HOSP, "H-2"), (LAB, "L-2")).await);
+
+    // Every decision is in the audit trail.
+    let (_, trail) = get(&r.ops, &r.ex.url("AuditEvent?subtype=mpi-merge"), "HOPERAT").await;
+    assert_eq!(trail["entry"].as_array().map(Vec::len), Some(1), "{trail}");
+    let (_, trail) = get(
+        &r.ops,
+        &r.ex.url("AuditEvent?subtype=patient-feed&_count=100"),
+        "HOPERAT",
+    )
+    .await;
+    assert!(trail["entry"].as_array().map(Vec::len).unwrap_or(0) >= 5);
+    assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
+}
+on_both_backends!(operators_review_link_merge_and_unmerge);
+
+async fn batch_bundles_and_bulk_import_feed_the_same_matching(backend: Backend) {
+    let r = region(&backend);
+    let bundle = json!({ "resourceType": "Bundle", "type": "batch", "entry": [
+        { "resource": patient(LAB, "L-1", "Ivy", "Chen", "1993-03-03", "3 Oak St", "66066", None),
+          "request": { "method": "PUT", "url": format!("Patient?identifier={LAB}|L-1") } },
+        { "resource": patient(LAB, "L-2", "Raj", "Patel", "1970-07-07", "8 Elm St", "77077", None),
+          "request": { "method": "PUT", "url": format!("Patient?identifier={LAB}|L-2") } },
+        { "resource": patient(HOSP, "H-1", "Eve", "Stone", "1980-08-08", "1 Main St", "88088", None),
+          "request": { "method": "PUT", "url": format!("Patient?identifier={HOSP}|H-1") } }
+    ]});
+    let (status, resp) = post(&r.lab, &r.ex.url(""), "TREAT", &bundle).await;
+    assert_eq!(status, 200, "{resp}");
+    let statuses: Vec<&str> = resp["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec!["201 Created", "201 Created", "403 Forbidden"]
+    );
+
+    // hie import: NDJSON from the hospital; Ivy links to the lab's record.
+    let file = r.ex.dir.path().join("patients.ndjson");
+    let lines = [
+        patient(
+            HOSP,
+            "H-10",
+            "Ivy",
+            "Chen",
+            "1993-03-03",
+            "3 Oak Street",
+            "66066",
+            None,
+        ),
+        patient(
+            HOSP,
+            "H-11",
+            "Zoe",
+            "Park",
+            "2000-02-02",
+            "4 Elm St",
+            "12312",
+            None,
+        ),
+    ];
+    std::fs::write(
+        &file,
+        lines
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n{broken\n",
+    )
+    .expect("write");
+    let out = r.ex.hie(&[
+        "import",
+        "--org",
+        "general-hospital",
+        &file.to_string_lossy(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("imported 2 record(s)")
+            && stdout.contains("1 linked")
+            && stdout.contains("1 refused"),
+        "{stdout}"
+    );
+    assert!(same_person(&r, (HOSP, "H-10"), (LAB, "L-1")).await);
+}
+on_both_backends!(batch_bundles_and_bulk_import_feed_the_same_matching);
