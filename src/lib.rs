@@ -17,6 +17,7 @@ pub mod orgs;
 pub mod policy;
 pub mod ratelimit;
 pub mod server;
+pub mod synth;
 pub mod time;
 pub mod tls;
 

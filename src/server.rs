@@ -14,6 +14,14 @@ use crate::metrics::Metrics;
 use crate::ratelimit::RateLimits;
 use crate::tls::ClientTrust;
 
+/// Prints a line for the operator; a closed stdout (EPIPE) must never stop the broker.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Creates the dev CA and the SQLite database when they do not exist yet, and says so.
 fn first_run(config: &Config) -> Result<bool> {
     let dir = &config.certs.dir;
@@ -27,7 +35,7 @@ fn first_run(config: &Config) -> Result<bool> {
             )));
         }
         Authority::init(dir, &config.exchange.name, &config.certs.hostnames, false)?;
-        println!(
+        say!(
             "hie: first run: created a development exchange CA and broker certificates in {}/",
             dir.display()
         );
@@ -35,7 +43,7 @@ fn first_run(config: &Config) -> Result<bool> {
     }
     if let Ok(DbUrl::Sqlite(path)) = DbUrl::parse(&config.database.url) {
         if !path.exists() {
-            println!("hie: creating the SQLite database {}", path.display());
+            say!("hie: creating the SQLite database {}", path.display());
             fresh = true;
         }
     }
@@ -51,7 +59,7 @@ fn enrollment_hint(config: &Config) {
         .map(String::as_str)
         .unwrap_or("localhost");
     let port = config.server.listen.port();
-    println!(
+    say!(
         "hie: to enroll a member organisation and make a first request (prefix `hie` with `cargo run --release --` in a checkout):\n\
          \x20 hie certs issue --org general-hospital\n\
          \x20 hie org add --id general-hospital --name \"General Hospital\" --type hospital --cert {dir}/orgs/general-hospital/client.crt --identifier-system urn:oid:2.16.840.1.113883.3.9999.1\n\
@@ -88,13 +96,13 @@ pub async fn serve(config: Config) -> Result<()> {
 
     let (exchange, addrs) = api::exchange_server(state.clone())?;
     for a in &addrs {
-        println!("hie: exchange listening on https://{a}/fhir (mutual TLS)");
+        say!("hie: exchange listening on https://{a}/fhir (mutual TLS)");
     }
     let admin = match config.admin.listen {
         Some(addr) => {
             let (server, addrs) = api::admin_server(state.clone(), addr)?;
             for a in &addrs {
-                println!("hie: admin listening on http://{a} (/healthz /readyz /metrics)");
+                say!("hie: admin listening on http://{a} (/healthz /readyz /metrics)");
             }
             Some(server)
         }
@@ -110,7 +118,8 @@ pub async fn serve(config: Config) -> Result<()> {
     let admin_task = async move {
         match admin {
             Some(server) => server.await,
-            None => Ok(()),
+            // No admin listener: nothing to stop the exchange from this side.
+            None => std::future::pending().await,
         }
     };
     // Either server stopping (signal or failure) stops the other, then the audit trail is flushed.
@@ -121,7 +130,7 @@ pub async fn serve(config: Config) -> Result<()> {
     background.abort();
     auditor.shutdown().await;
     tracing::info!("broker stopped; audit trail flushed");
-    println!("hie: stopped");
+    say!("hie: stopped");
     result.map_err(|e| crate::Error::internal(format!("server failed: {e}")))
 }
 

@@ -488,10 +488,7 @@ fn rematch(
             enterprise_id: e.enterprise_id,
             created: false,
             outcome: "kept".into(),
-            score: others
-                .is_empty()
-                .then_some(None)
-                .unwrap_or(Some(best_with_others)),
+            score: if others.is_empty() { None } else { Some(best_with_others) },
             reviews_queued: 0,
         });
     }

@@ -21,12 +21,39 @@ pub async fn capability_statement(_member: Member, state: web::Data<AppState>) -
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
+            "interaction": [{ "code": "batch", "documentation": "Bundles of Patient feeds (PUT Patient?identifier=…)" }],
             "documentation": "Every request needs a client certificate issued by the exchange CA and registered to an active member organisation, and (except for this statement) an X-Purpose-Of-Use header with an HL7 PurposeOfUse code; X-User-Id and X-User-Role name the person behind the request.",
             "security": {
                 "cors": false,
                 "description": "Mutual TLS (TLS 1.2+). Every disclosure is recorded in a hash-chained audit trail before it is sent."
             },
             "resource": [
+                {
+                    "type": "Patient",
+                    "documentation": "Master patient index. PUT ?identifier= is the IHE PIXm ITI-104 feed (a member writes only identifiers in the systems it owns; link replaced-by merges); GET is PDQm ITI-78 (one entry per person, with every identifier); src-N ids are member records, ent-N ids are people.",
+                    "interaction": [{ "code": "read" }, { "code": "search-type" }, { "code": "update" }, { "code": "delete" }],
+                    "conditionalUpdate": true,
+                    "conditionalDelete": "single",
+                    "searchParam": [
+                        param("family", "string", "family name, prefix; :exact and :phonetic supported"),
+                        param("given", "string", "given name, prefix; :exact and :phonetic supported"),
+                        param("birthdate", "date", "birth date; prefixes ge, gt, le, lt, eq"),
+                        param("gender", "token", "male, female, other"),
+                        param("identifier", "token", "system|value of any identifier linked to the person"),
+                        param("address-postalcode", "string", "postal code, prefix"),
+                        param("telecom", "token", "phone number"),
+                        param("_id", "token", "person id (ent-N)")
+                    ],
+                    "operation": [
+                        { "name": "ihe-pix", "definition": "https://profiles.ihe.net/ITI/PIXm/OperationDefinition/IHE.PIXm.pix" },
+                        { "name": "match", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-match" },
+                        { "name": "review-queue", "definition": "urn:hie-broker:operation:review-queue", "documentation": "operators: potential matches and duplicates with score breakdowns" },
+                        { "name": "resolve-review", "definition": "urn:hie-broker:operation:resolve-review", "documentation": "operators: same-person or not-same-person" },
+                        { "name": "unlink", "definition": "urn:hie-broker:operation:unlink" },
+                        { "name": "merge", "definition": "urn:hie-broker:operation:merge" },
+                        { "name": "unmerge", "definition": "urn:hie-broker:operation:unmerge" }
+                    ]
+                },
                 {
                     "type": "Organization",
                     "interaction": [{ "code": "read" }, { "code": "search-type" }],

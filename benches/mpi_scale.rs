@@ -1,0 +1,208 @@
+//! MPI at scale: N seeded synthetic people (20 % also held by a second member, with the errors
+//! registration desks make), bulk-loaded with `hie import`, then the running broker is measured
+//! over mutual TLS: the HTTP feed with 8 concurrent clients, `$match` and PDQm latency,
+//! database size and memory.
+//!
+//!   cargo bench --bench mpi_scale -- [--records N] [--database-url URL] [--http-records M] [--queries Q]
+//!
+//! With --database-url postgres://… the database must be empty (the script makes a fresh one).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hie_broker::certs::{Authority, Validity};
+use hie_broker::ids::OrgId;
+use hie_broker::synth::{to_patient, Generator};
+
+const HIE: &str = env!("CARGO_BIN_EXE_hie");
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
+fn hie(config: &Path, args: &[&str]) -> String {
+    let out = Command::new(HIE).arg("--config").arg(config).args(args).env("RUST_LOG", "warn").output().expect("run hie");
+    assert!(out.status.success(), "hie {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn dir_size(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|d| d.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+fn proc_status(pid: u32, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).map(|l| l[key.len()..].trim().to_string()))
+        .unwrap_or_default()
+}
+
+fn main() {
+    hie_broker::tls::install_crypto_provider();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let n: usize = arg(&args, "--records").and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let http_n: usize = arg(&args, "--http-records").and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let queries: usize = arg(&args, "--queries").and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    let work = tempfile::tempdir().expect("tempdir");
+    let db_url = arg(&args, "--database-url").unwrap_or_else(|| format!("sqlite://{}", work.path().join("data/hie.db").display()));
+    let certs = work.path().join("certs");
+    Authority::init(&certs, "Bench HIE", &["localhost".into()], false).expect("certs");
+    let config = work.path().join("hie.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[database]\nurl = \"{db_url}\"\npool_size = 8\n\
+             [certs]\ndir = \"{}\"\n[rate_limit]\nrequests_per_second = 1000000\nburst = 1000000\nemergency_requests_per_second = 1000000\nemergency_burst = 1000000\n[log]\nfilter = \"warn\"\n",
+            certs.display()
+        ),
+    )
+    .expect("config");
+    let ca = Authority::load(&certs).expect("ca");
+    for (org, system) in [("hospital-a", "urn:bench:a"), ("clinic-b", "urn:bench:b"), ("clinic-c", "urn:bench:c")] {
+        ca.issue_member(&OrgId::parse(org).expect("id"), Validity::days(30), &[], "").expect("issue");
+        let cert = certs.join("orgs").join(org).join("client.crt");
+        hie(&config, &["org", "add", "--id", org, "--name", org, "--type", "hospital", "--cert", &cert.to_string_lossy(), "--identifier-system", system]);
+    }
+
+    // Generate: everyone at hospital A, a fifth also at clinic B with errors.
+    let mut g = Generator::new(20261124);
+    let (mut a, mut b) = (Vec::with_capacity(n), Vec::new());
+    let mut people = Vec::new();
+    while a.len() + b.len() < n {
+        let p = g.person();
+        a.push(to_patient(&p, "urn:bench:a", &format!("A{}", p.id)).to_string());
+        if g.rng().u8(..5) == 0 && a.len() + b.len() < n {
+            let v = g.variant(&p);
+            b.push(to_patient(&v, "urn:bench:b", &format!("B{}", p.id)).to_string());
+        }
+        if people.len() < 20_000 {
+            people.push(p);
+        }
+    }
+    for (name, lines) in [("a.ndjson", &a), ("b.ndjson", &b)] {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(work.path().join(name)).expect("file"));
+        for l in lines.iter() {
+            writeln!(f, "{l}").expect("write");
+        }
+    }
+    println!("records: {} at hospital-a + {} at clinic-b = {n}; database {}", a.len(), b.len(), if db_url.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" });
+
+    let started = Instant::now();
+    for (org, file) in [("hospital-a", "a.ndjson"), ("clinic-b", "b.ndjson")] {
+        let out = hie(&config, &["import", "--org", org, &work.path().join(file).to_string_lossy()]);
+        print!("hie import: {out}");
+    }
+    let import_secs = started.elapsed().as_secs_f64();
+    println!("bulk import (hie import): {:.0} records/s overall ({n} records in {import_secs:.0} s)", n as f64 / import_secs);
+
+    // The running broker.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Command::new(HIE).arg("--config").arg(&config).arg("serve").env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn().expect("serve");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut port = String::new();
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("hie: exchange listening on https://") {
+            port = rest.split('/').next().and_then(|a| a.rsplit(':').next()).unwrap_or_default().to_string();
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let child = KillOnDrop(child);
+    let base = format!("https://localhost:{port}/fhir");
+    let client = |org: &str| {
+        let dir = certs.join("orgs").join(org);
+        let tls = hie_broker::tls::client_config(&certs.join("ca.crt"), Some((&dir.join("client.crt"), &dir.join("client.key")))).expect("tls");
+        reqwest::Client::builder().tls_backend_preconfigured(tls).timeout(Duration::from_secs(60)).build().expect("client")
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        // HTTP feed: 8 concurrent clients of clinic C.
+        let c = client("clinic-c");
+        let mut gen = Generator::new(99);
+        let records: Vec<(String, String)> = (0..http_n)
+            .map(|i| {
+                let p = gen.person();
+                (format!("C{i}"), to_patient(&p, "urn:bench:c", &format!("C{i}")).to_string())
+            })
+            .collect();
+        let chunks: Vec<Vec<(String, String)>> = records.chunks(http_n.div_ceil(8)).map(<[_]>::to_vec).collect();
+        let started = Instant::now();
+        let tasks: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                let (c, base) = (c.clone(), base.clone());
+                tokio::spawn(async move {
+                    for (mrn, body) in chunk {
+                        let r = c.put(format!("{base}/Patient?identifier=urn:bench:c|{mrn}")).header("X-Purpose-Of-Use", "TREAT").body(body).send().await.expect("put");
+                        assert!(r.status().is_success(), "{}", r.status());
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("feed task");
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!("HTTP feed (PUT Patient, 8 concurrent mTLS clients): {:.0} records/s ({http_n} records)", http_n as f64 / secs);
+
+        // $match and PDQm latency, one client, sequential, kept-alive.
+        let er = client("hospital-a");
+        let mut match_ms = Vec::new();
+        let mut pdq_ms = Vec::new();
+        let mut qg = Generator::new(5);
+        for i in 0..queries {
+            let p = &people[(i * 7919) % people.len()];
+            let v = qg.variant(p);
+            let body = serde_json::json!({ "resourceType": "Parameters", "parameter": [{ "name": "resource", "resource": {
+                "resourceType": "Patient", "name": [{ "family": v.family, "given": [v.given] }], "birthDate": v.birth_date,
+                "gender": v.gender, "address": [{ "postalCode": v.postcode }] } }, { "name": "count", "valueInteger": 5 }] });
+            let t = Instant::now();
+            let r = er.post(format!("{base}/Patient/$match")).header("X-Purpose-Of-Use", "ETREAT").body(body.to_string()).send().await.expect("match");
+            assert!(r.status().is_success(), "$match {}: {}", r.status(), r.text().await.unwrap_or_default());
+            let _ = r.bytes().await;
+            match_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            let t = Instant::now();
+            let r = er.get(format!("{base}/Patient?family={}&birthdate={}", p.family, p.birth_date)).header("X-Purpose-Of-Use", "TREAT").send().await.expect("pdq");
+            assert!(r.status().is_success(), "PDQm {}: {}", r.status(), r.text().await.unwrap_or_default());
+            let _ = r.bytes().await;
+            pdq_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        for v in [&mut match_ms, &mut pdq_ms] {
+            v.sort_by(f64::total_cmp);
+        }
+        println!("$match latency: p50 {:.2} ms, p99 {:.2} ms ({queries} queries)", percentile(&match_ms, 0.5), percentile(&match_ms, 0.99));
+        println!("PDQm latency (family+birthdate): p50 {:.2} ms, p99 {:.2} ms", percentile(&pdq_ms, 0.5), percentile(&pdq_ms, 0.99));
+    });
+    println!("broker memory: RSS {}, peak {}", proc_status(child.0.id(), "VmRSS:"), proc_status(child.0.id(), "VmHWM:"));
+    drop(child);
+    if db_url.starts_with("sqlite") {
+        println!("database size: {:.0} MiB (SQLite file + WAL)", dir_size(&work.path().join("data")) as f64 / 1048576.0);
+    } else {
+        use diesel::{Connection, RunQueryDsl};
+        #[derive(diesel::QueryableByName)]
+        struct Size {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            size: i64,
+        }
+        let mut c = diesel::PgConnection::establish(&db_url).expect("pg");
+        let s: Size = diesel::sql_query("SELECT pg_database_size(current_database()) AS size").get_result(&mut c).expect("size");
+        println!("database size: {:.0} MiB (PostgreSQL)", s.size as f64 / 1048576.0);
+    }
+}
