@@ -19,12 +19,25 @@ use hie_broker::synth::{to_patient, Generator};
 const HIE: &str = env!("CARGO_BIN_EXE_hie");
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn hie(config: &Path, args: &[&str]) -> String {
-    let out = Command::new(HIE).arg("--config").arg(config).args(args).env("RUST_LOG", "warn").output().expect("run hie");
-    assert!(out.status.success(), "hie {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(HIE)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run hie");
+    assert!(
+        out.status.success(),
+        "hie {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -37,25 +50,42 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn dir_size(path: &Path) -> u64 {
     std::fs::read_dir(path)
-        .map(|d| d.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0)
 }
 
 fn proc_status(pid: u32, key: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(key)).map(|l| l[key.len()..].trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .map(|l| l[key.len()..].trim().to_string())
+        })
         .unwrap_or_default()
 }
 
 fn main() {
     hie_broker::tls::install_crypto_provider();
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let n: usize = arg(&args, "--records").and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let http_n: usize = arg(&args, "--http-records").and_then(|v| v.parse().ok()).unwrap_or(20_000);
-    let queries: usize = arg(&args, "--queries").and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    let n: usize = arg(&args, "--records")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let http_n: usize = arg(&args, "--http-records")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let queries: usize = arg(&args, "--queries")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000);
     let work = tempfile::tempdir().expect("tempdir");
-    let db_url = arg(&args, "--database-url").unwrap_or_else(|| format!("sqlite://{}", work.path().join("data/hie.db").display()));
+    let db_url = arg(&args, "--database-url")
+        .unwrap_or_else(|| format!("sqlite://{}", work.path().join("data/hie.db").display()));
     let certs = work.path().join("certs");
     Authority::init(&certs, "Bench HIE", &["localhost".into()], false).expect("certs");
     let config = work.path().join("hie.toml");
@@ -69,10 +99,31 @@ fn main() {
     )
     .expect("config");
     let ca = Authority::load(&certs).expect("ca");
-    for (org, system) in [("hospital-a", "urn:bench:a"), ("clinic-b", "urn:bench:b"), ("clinic-c", "urn:bench:c")] {
-        ca.issue_member(&OrgId::parse(org).expect("id"), Validity::days(30), &[], "").expect("issue");
+    for (org, system) in [
+        ("hospital-a", "urn:bench:a"),
+        ("clinic-b", "urn:bench:b"),
+        ("clinic-c", "urn:bench:c"),
+    ] {
+        ca.issue_member(&OrgId::parse(org).expect("id"), Validity::days(30), &[], "")
+            .expect("issue");
         let cert = certs.join("orgs").join(org).join("client.crt");
-        hie(&config, &["org", "add", "--id", org, "--name", org, "--type", "hospital", "--cert", &cert.to_string_lossy(), "--identifier-system", system]);
+        hie(
+            &config,
+            &[
+                "org",
+                "add",
+                "--id",
+                org,
+                "--name",
+                org,
+                "--type",
+                "hospital",
+                "--cert",
+                &cert.to_string_lossy(),
+                "--identifier-system",
+                system,
+            ],
+        );
     }
 
     // Generate: everyone at hospital A, a fifth also at clinic B with errors.
@@ -91,20 +142,41 @@ fn main() {
         }
     }
     for (name, lines) in [("a.ndjson", &a), ("b.ndjson", &b)] {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(work.path().join(name)).expect("file"));
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(work.path().join(name)).expect("file"));
         for l in lines.iter() {
             writeln!(f, "{l}").expect("write");
         }
     }
-    println!("records: {} at hospital-a + {} at clinic-b = {n}; database {}", a.len(), b.len(), if db_url.starts_with("sqlite") { "SQLite" } else { "PostgreSQL" });
+    println!(
+        "records: {} at hospital-a + {} at clinic-b = {n}; database {}",
+        a.len(),
+        b.len(),
+        if db_url.starts_with("sqlite") {
+            "SQLite"
+        } else {
+            "PostgreSQL"
+        }
+    );
 
     let started = Instant::now();
     for (org, file) in [("hospital-a", "a.ndjson"), ("clinic-b", "b.ndjson")] {
-        let out = hie(&config, &["import", "--org", org, &work.path().join(file).to_string_lossy()]);
+        let out = hie(
+            &config,
+            &[
+                "import",
+                "--org",
+                org,
+                &work.path().join(file).to_string_lossy(),
+            ],
+        );
         print!("hie import: {out}");
     }
     let import_secs = started.elapsed().as_secs_f64();
-    println!("bulk import (hie import): {:.0} records/s overall ({n} records in {import_secs:.0} s)", n as f64 / import_secs);
+    println!(
+        "bulk import (hie import): {:.0} records/s overall ({n} records in {import_secs:.0} s)",
+        n as f64 / import_secs
+    );
 
     // The running broker.
     struct KillOnDrop(std::process::Child);
@@ -114,12 +186,24 @@ fn main() {
             let _ = self.0.wait();
         }
     }
-    let mut child = Command::new(HIE).arg("--config").arg(&config).arg("serve").env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn().expect("serve");
+    let mut child = Command::new(HIE)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("serve");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let mut port = String::new();
     for line in lines.by_ref().map_while(Result::ok) {
         if let Some(rest) = line.strip_prefix("hie: exchange listening on https://") {
-            port = rest.split('/').next().and_then(|a| a.rsplit(':').next()).unwrap_or_default().to_string();
+            port = rest
+                .split('/')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .unwrap_or_default()
+                .to_string();
             break;
         }
     }
@@ -128,10 +212,22 @@ fn main() {
     let base = format!("https://localhost:{port}/fhir");
     let client = |org: &str| {
         let dir = certs.join("orgs").join(org);
-        let tls = hie_broker::tls::client_config(&certs.join("ca.crt"), Some((&dir.join("client.crt"), &dir.join("client.key")))).expect("tls");
-        reqwest::Client::builder().tls_backend_preconfigured(tls).timeout(Duration::from_secs(60)).build().expect("client")
+        let tls = hie_broker::tls::client_config(
+            &certs.join("ca.crt"),
+            Some((&dir.join("client.crt"), &dir.join("client.key"))),
+        )
+        .expect("tls");
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("client")
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         // HTTP feed: 8 concurrent clients of clinic C.
         let c = client("clinic-c");
@@ -190,10 +286,17 @@ fn main() {
         println!("$match latency: p50 {:.2} ms, p99 {:.2} ms ({queries} queries)", percentile(&match_ms, 0.5), percentile(&match_ms, 0.99));
         println!("PDQm latency (family+birthdate): p50 {:.2} ms, p99 {:.2} ms", percentile(&pdq_ms, 0.5), percentile(&pdq_ms, 0.99));
     });
-    println!("broker memory: RSS {}, peak {}", proc_status(child.0.id(), "VmRSS:"), proc_status(child.0.id(), "VmHWM:"));
+    println!(
+        "broker memory: RSS {}, peak {}",
+        proc_status(child.0.id(), "VmRSS:"),
+        proc_status(child.0.id(), "VmHWM:")
+    );
     drop(child);
     if db_url.starts_with("sqlite") {
-        println!("database size: {:.0} MiB (SQLite file + WAL)", dir_size(&work.path().join("data")) as f64 / 1048576.0);
+        println!(
+            "database size: {:.0} MiB (SQLite file + WAL)",
+            dir_size(&work.path().join("data")) as f64 / 1048576.0
+        );
     } else {
         use diesel::{Connection, RunQueryDsl};
         #[derive(diesel::QueryableByName)]
@@ -202,7 +305,12 @@ fn main() {
             size: i64,
         }
         let mut c = diesel::PgConnection::establish(&db_url).expect("pg");
-        let s: Size = diesel::sql_query("SELECT pg_database_size(current_database()) AS size").get_result(&mut c).expect("size");
-        println!("database size: {:.0} MiB (PostgreSQL)", s.size as f64 / 1048576.0);
+        let s: Size = diesel::sql_query("SELECT pg_database_size(current_database()) AS size")
+            .get_result(&mut c)
+            .expect("size");
+        println!(
+            "database size: {:.0} MiB (PostgreSQL)",
+            s.size as f64 / 1048576.0
+        );
     }
 }

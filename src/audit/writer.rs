@@ -88,7 +88,7 @@ async fn commit(db: &Db, batch: Vec<(Box<AuditRecord>, Waiter)>, metrics: &Metri
     let (records, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|(r, w)| (*r, w)).unzip();
     let count = records.len();
     let result = db
-        .run(move |conn| conn.transaction(|conn| db::audit::append(conn, &records)))
+        .write(move |conn| conn.transaction(|conn| db::audit::append(conn, &records)))
         .await;
     match result {
         Ok(seqs) => {

@@ -98,7 +98,8 @@ impl ManageConnection for Manager {
                     .map_err(r2d2::Error::ConnectionError)?;
                 // busy_timeout first, so concurrent openers wait instead of failing with "locked".
                 c.batch_execute(&format!(
-                    "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;",
+                    "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
+                     PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 1073741824;",
                     self.busy_timeout_ms
                 ))
                 .map_err(r2d2::Error::QueryError)?;
@@ -127,6 +128,9 @@ pub type PooledConn = r2d2::PooledConnection<Manager>;
 pub struct Db {
     pool: r2d2::Pool<Manager>,
     url: DbUrl,
+    /// SQLite has one writer: writers queue here (instant hand-off) instead of polling the
+    /// database lock with SQLite's sleeping busy handler. Unused on PostgreSQL.
+    writer: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Db {
@@ -145,7 +149,11 @@ impl Db {
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
             .build(manager)
             .map_err(|e| Error::config(format!("cannot open the database pool: {e}")))?;
-        Ok(Db { pool, url })
+        Ok(Db {
+            pool,
+            url,
+            writer: Default::default(),
+        })
     }
 
     pub fn url(&self) -> &DbUrl {
@@ -165,6 +173,30 @@ impl Db {
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || {
             let mut conn = pool.get()?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("database task failed: {e}")))?
+    }
+
+    /// Runs blocking database work that writes. On SQLite, writers take turns in this process.
+    pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let writer =
+            matches!(self.url, DbUrl::Sqlite(_)).then(|| std::sync::Arc::clone(&self.writer));
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get()?;
+            let _turn = match &writer {
+                Some(w) => Some(
+                    w.lock()
+                        .map_err(|_| Error::internal("database writer lock poisoned"))?,
+                ),
+                None => None,
+            };
             f(&mut conn)
         })
         .await

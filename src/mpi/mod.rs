@@ -488,7 +488,11 @@ fn rematch(
             enterprise_id: e.enterprise_id,
             created: false,
             outcome: "kept".into(),
-            score: if others.is_empty() { None } else { Some(best_with_others) },
+            score: if others.is_empty() {
+                None
+            } else {
+                Some(best_with_others)
+            },
             reviews_queued: 0,
         });
     }

@@ -228,7 +228,7 @@ pub async fn search(
     // and including its own access.
     let found = state
         .db
-        .run(move |c| {
+        .write(move |c| {
             c.transaction(|c| {
                 store::append(c, &[record])?;
                 store::search(c, &f, count + 1)

@@ -148,28 +148,21 @@ pub async fn feed(
     let org = ctx.org.clone();
     let actor = ctx.actor();
     let settings = state.mpi.clone();
-    let result = state
+    let (result, row) = state
         .db
-        .run(move |c| {
-            mpi::feed(
-                c,
-                &settings,
-                &org,
-                &FeedRequest {
-                    system: &system,
-                    value: &value,
-                    patient: &patient,
-                },
-                &actor,
-            )
+        .write(move |c| {
+            let request = FeedRequest {
+                system: &system,
+                value: &value,
+                patient: &patient,
+            };
+            let r = mpi::feed(c, &settings, &org, &request, &actor)?;
+            let row = crate::db::mpi::get_source(c, r.source_id)?
+                .ok_or_else(|| Error::internal("record vanished"))?;
+            Ok((r, row))
         })
         .await?;
     let sid = result.source_id;
-    let row = state
-        .db
-        .run(move |c| crate::db::mpi::get_source(c, sid))
-        .await?
-        .ok_or_else(|| Error::internal("record vanished"))?;
     let status = if result.created {
         StatusCode::CREATED
     } else {
@@ -206,7 +199,7 @@ pub async fn delete(
     let actor = ctx.actor();
     state
         .db
-        .run(move |c| mpi::delete(c, &org, &system, &value, &actor))
+        .write(move |c| mpi::delete(c, &org, &system, &value, &actor))
         .await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -669,7 +662,7 @@ pub async fn resolve_review(
     let actor = ctx.actor();
     let item = state
         .db
-        .run(move |c| mpi::resolve_review(c, id, same, &actor))
+        .write(move |c| mpi::resolve_review(c, id, same, &actor))
         .await?;
     Ok(ok(
         &json!({ "resourceType": "Parameters", "parameter": [review_json(&item)] }),
@@ -696,7 +689,7 @@ pub async fn unlink(
     let sid = mpi::parse_source_ref(&required(&p, "source")?)
         .ok_or_else(|| Error::invalid("'source' must reference a record, e.g. Patient/src-7"))?;
     let actor = ctx.actor();
-    let eid = state.db.run(move |c| mpi::unlink(c, sid, &actor)).await?;
+    let eid = state.db.write(move |c| mpi::unlink(c, sid, &actor)).await?;
     Ok(ok(
         &json!({ "resourceType": "Parameters", "parameter": [{ "name": "result", "valueReference": { "reference": format!("Patient/{}", person_ref(eid)) } }] }),
     ))
@@ -714,7 +707,7 @@ pub async fn merge(
     let actor = ctx.actor();
     let moved = state
         .db
-        .run(move |c| mpi::merge_identities(c, from, into, &actor))
+        .write(move |c| mpi::merge_identities(c, from, into, &actor))
         .await?;
     Ok(ok(&json!({ "resourceType": "Parameters", "parameter": [
         { "name": "result", "valueReference": { "reference": format!("Patient/{}", person_ref(into)) } },
@@ -732,7 +725,10 @@ pub async fn unmerge(
     let p = parse_json(&body)?;
     let eid = person_param(&p, "patient")?;
     let actor = ctx.actor();
-    let restored = state.db.run(move |c| mpi::unmerge(c, eid, &actor)).await?;
+    let restored = state
+        .db
+        .write(move |c| mpi::unmerge(c, eid, &actor))
+        .await?;
     Ok(ok(&json!({ "resourceType": "Parameters", "parameter": [
         { "name": "result", "valueReference": { "reference": format!("Patient/{}", person_ref(eid)) } },
         { "name": "restored", "valueInteger": restored.len() }
@@ -769,7 +765,7 @@ pub async fn batch(
     let base = state.config.fhir_base();
     let responses = state
         .db
-        .run(move |c| {
+        .write(move |c| {
             Ok(entries
                 .iter()
                 .enumerate()
