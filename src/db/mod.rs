@@ -99,7 +99,8 @@ impl ManageConnection for Manager {
                 // busy_timeout first, so concurrent openers wait instead of failing with "locked".
                 c.batch_execute(&format!(
                     "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
-                     PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 1073741824;",
+                     PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 1073741824; \
+                     PRAGMA wal_autocheckpoint = 16384;",
                     self.busy_timeout_ms
                 ))
                 .map_err(r2d2::Error::QueryError)?;
@@ -128,9 +129,40 @@ pub type PooledConn = r2d2::PooledConnection<Manager>;
 pub struct Db {
     pool: r2d2::Pool<Manager>,
     url: DbUrl,
-    /// SQLite has one writer: writers queue here (instant hand-off) instead of polling the
-    /// database lock with SQLite's sleeping busy handler. Unused on PostgreSQL.
-    writer: std::sync::Arc<std::sync::Mutex<()>>,
+    /// SQLite has one writer: writes queue for one dedicated connection and thread, which
+    /// group-commits whatever has queued up (see `writer_loop`). None on PostgreSQL, where
+    /// writes run concurrently on the pool.
+    writer: Option<std::sync::mpsc::SyncSender<WriteJob>>,
+}
+
+/// Called once the group's transaction has committed (Ok) or failed (Err).
+type Completion = Box<dyn FnOnce(Result<()>) + Send>;
+/// Runs one write inside the group's transaction and says how to answer its caller.
+type WriteJob = Box<dyn FnOnce(&mut DbConn) -> Completion + Send>;
+
+/// The SQLite writer: takes every queued write, runs each in its own savepoint inside one
+/// transaction, commits once, then answers each caller. A failing write rolls back only its
+/// savepoint; nobody is answered before the commit, so nothing is reported written that is not.
+fn writer_loop(mut conn: DbConn, jobs: std::sync::mpsc::Receiver<WriteJob>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 64 {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let mut completions = Vec::with_capacity(batch.len());
+        let committed = conn.transaction::<_, Error, _>(|c| {
+            for job in batch {
+                completions.push(job(c));
+            }
+            Ok(())
+        });
+        for done in completions {
+            done(committed.clone());
+        }
+    }
 }
 
 impl Db {
@@ -143,17 +175,27 @@ impl Db {
             url: url.clone(),
             busy_timeout_ms: config.busy_timeout_ms,
         };
+        let writer = match url {
+            DbUrl::Sqlite(_) => {
+                let conn = manager
+                    .connect()
+                    .map_err(|e| Error::config(format!("cannot open the database writer: {e}")))?;
+                let (tx, rx) = std::sync::mpsc::sync_channel::<WriteJob>(1024);
+                std::thread::Builder::new()
+                    .name("sqlite-writer".into())
+                    .spawn(move || writer_loop(conn, rx))
+                    .map_err(|e| Error::config(format!("cannot start the database writer: {e}")))?;
+                Some(tx)
+            }
+            DbUrl::Postgres(_) => None,
+        };
         let pool = r2d2::Pool::builder()
             .max_size(config.pool_size)
             .min_idle(Some(1))
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
             .build(manager)
             .map_err(|e| Error::config(format!("cannot open the database pool: {e}")))?;
-        Ok(Db {
-            pool,
-            url,
-            writer: Default::default(),
-        })
+        Ok(Db { pool, url, writer })
     }
 
     pub fn url(&self) -> &DbUrl {
@@ -179,28 +221,31 @@ impl Db {
         .map_err(|e| Error::internal(format!("database task failed: {e}")))?
     }
 
-    /// Runs blocking database work that writes. On SQLite, writers take turns in this process.
+    /// Runs blocking database work that writes, as one atomic unit: all of it or none. On SQLite
+    /// it joins the writer's next group commit, in a savepoint of its own; on PostgreSQL it is a
+    /// transaction on the pool.
     pub async fn write<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        let pool = self.pool.clone();
-        let writer =
-            matches!(self.url, DbUrl::Sqlite(_)).then(|| std::sync::Arc::clone(&self.writer));
-        tokio::task::spawn_blocking(move || {
-            let mut conn = pool.get()?;
-            let _turn = match &writer {
-                Some(w) => Some(
-                    w.lock()
-                        .map_err(|_| Error::internal("database writer lock poisoned"))?,
-                ),
-                None => None,
-            };
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| Error::internal(format!("database task failed: {e}")))?
+        let Some(writer) = &self.writer else {
+            return self.run(move |c| c.transaction(f)).await;
+        };
+        let (answer, wait) = tokio::sync::oneshot::channel::<Result<T>>();
+        let job: WriteJob = Box::new(move |conn| {
+            let outcome = conn.transaction(f);
+            Box::new(move |committed: Result<()>| {
+                let _ = answer.send(committed.and(outcome));
+            })
+        });
+        let writer = writer.clone();
+        tokio::task::spawn_blocking(move || writer.send(job))
+            .await
+            .map_err(|e| Error::internal(format!("database task failed: {e}")))?
+            .map_err(|_| Error::unavailable("the database writer has stopped"))?;
+        wait.await
+            .map_err(|_| Error::unavailable("the database writer has stopped"))?
     }
 
     /// For /readyz.
