@@ -598,3 +598,42 @@ async fn two_broker_instances_keep_one_linear_audit_chain(backend: Backend) {
     );
 }
 on_both_backends!(two_broker_instances_keep_one_linear_audit_chain);
+
+async fn every_refusal_is_an_operation_outcome(backend: Backend) {
+    let ex = Exchange::start_with(&backend, "[server]\nbody_limit_bytes = 1000\n");
+    let client = ex.client(&ex.enroll(
+        "general-hospital",
+        "hospital",
+        &["--identifier-system", "urn:oid:1.2.3"],
+    ));
+    let big = format!(
+        "{{\"resourceType\":\"Patient\",\"text\":\"{}\"}}",
+        "x".repeat(5000)
+    );
+    let resp = client
+        .put(ex.url("Patient?identifier=urn:oid:1.2.3|1"))
+        .header("X-Purpose-Of-Use", "TREAT")
+        .body(big)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), 413);
+    assert_outcome(&json(resp).await, "too-costly", "body_limit_bytes");
+    let resp = client
+        .patch(ex.url("Organization"))
+        .header("X-Purpose-Of-Use", "TREAT")
+        .send()
+        .await
+        .expect("patch");
+    assert!(resp.status().is_client_error());
+    assert_eq!(json(resp).await["resourceType"], "OperationOutcome");
+    let resp = client
+        .get(ex.url("Organization?_count=lots"))
+        .header("X-Purpose-Of-Use", "TREAT")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 400);
+    assert_eq!(json(resp).await["resourceType"], "OperationOutcome");
+}
+on_both_backends!(every_refusal_is_an_operation_outcome);

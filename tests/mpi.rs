@@ -851,6 +851,11 @@ async fn operators_review_link_merge_and_unmerge(backend: Backend) {
     .await;
     assert!(trail["entry"].as_array().map(Vec::len).unwrap_or(0) >= 5);
     assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
+    let reviewed = r.ex.hie_ok(&["mpi", "review", "--status", "different"]);
+    assert!(
+        reviewed.contains("potential-match") && reviewed.contains("hazards: twin"),
+        "{reviewed}"
+    );
 }
 on_both_backends!(operators_review_link_merge_and_unmerge);
 
@@ -925,5 +930,35 @@ async fn batch_bundles_and_bulk_import_feed_the_same_matching(backend: Backend) 
         "{stdout}"
     );
     assert!(same_person(&r, (HOSP, "H-10"), (LAB, "L-1")).await);
+
+    // The operator's command line: why a record was linked, and m/u weights fitted by EM.
+    let (_, found) = get(
+        &r.hospital,
+        &r.ex.url(&format!("Patient?identifier={HOSP}|H-10")),
+        "TREAT",
+    )
+    .await;
+    let records: Vec<String> = found["entry"][0]["resource"]["link"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|x| x["other"]["reference"].as_str())
+                .map(|s| s.trim_start_matches("Patient/").to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(records.len(), 2, "{found}");
+    let explain: String = records
+        .iter()
+        .map(|id| r.ex.hie_ok(&["mpi", "explain", id]))
+        .collect();
+    assert!(
+        explain.contains("linked") && explain.contains("given"),
+        "{explain}"
+    );
+    let estimate = r.ex.hie_ok(&["mpi", "estimate"]);
+    let weights = hie_broker::mpi::score::Weights::parse(&estimate)
+        .expect("estimate prints a valid weights file");
+    assert!(weights.weight("birth_date", "exact") > 0.0, "{estimate}");
 }
 on_both_backends!(batch_bundles_and_bulk_import_feed_the_same_matching);

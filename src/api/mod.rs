@@ -102,7 +102,7 @@ pub fn exchange_server(state: web::Data<AppState>) -> Result<(Server, Vec<Socket
                     let result = tokio::time::timeout(request_timeout, fut.instrument(span.clone())).await;
                     let elapsed = started.elapsed();
                     let mut res = match result {
-                        Ok(Ok(res)) => res.map_into_boxed_body(),
+                        Ok(Ok(res)) => as_operation_outcome(res.map_into_boxed_body()),
                         Ok(Err(e)) => {
                             metrics.request_done(e.as_response_error().status_code().as_u16(), elapsed.as_secs_f64());
                             return Err(e);
@@ -164,6 +164,46 @@ pub fn admin_server(
             .map_err(|e| Error::config(format!("cannot listen on {addr} (admin.listen): {e}")))?;
     let addrs = server.addrs();
     Ok((server.run(), addrs))
+}
+
+/// Every refusal is an OperationOutcome, including those actix produces before a handler runs
+/// (an oversized body, an unreadable payload, a method a route does not have).
+fn as_operation_outcome(res: actix_web::dev::ServiceResponse) -> actix_web::dev::ServiceResponse {
+    let status = res.status();
+    let is_fhir = res
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/fhir+json"));
+    if status.as_u16() < 400 || is_fhir {
+        return res;
+    }
+    let detail = res
+        .response()
+        .error()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let (kind, message) = match status.as_u16() {
+        413 => (
+            ErrorKind::TooLarge,
+            "the request body is larger than this exchange accepts (server.body_limit_bytes)"
+                .to_string(),
+        ),
+        405 => (
+            ErrorKind::Invalid,
+            "this method is not supported on this endpoint; GET /fhir/metadata lists what is"
+                .to_string(),
+        ),
+        404 => (ErrorKind::NotFound, "not found".to_string()),
+        s if s < 500 => (
+            ErrorKind::Invalid,
+            format!("the request could not be read: {detail}"),
+        ),
+        _ => (ErrorKind::Internal, "internal error".to_string()),
+    };
+    let response = actix_web::ResponseError::error_response(&Error::new(kind, message));
+    let (req, _) = res.into_parts();
+    actix_web::dev::ServiceResponse::new(req, response)
 }
 
 pub(crate) fn ok_text(body: &str) -> HttpResponse {
