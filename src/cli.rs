@@ -498,7 +498,17 @@ fn import(config: &Config, org: &str, file: &std::path::Path) -> Result<()> {
     let started = std::time::Instant::now();
     let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
     let mut lines = reader.lines().enumerate().peekable();
+    let mut chunks = 0u64;
     while lines.peek().is_some() {
+        chunks += 1;
+        // A load into empty tables leaves PostgreSQL planning with the statistics of an empty
+        // table (sequential scans for every candidate lookup); refresh them as the tables grow.
+        if !conn.is_sqlite() && (chunks == 3 || chunks % 40 == 0) {
+            diesel::connection::SimpleConnection::batch_execute(
+                &mut *conn,
+                "ANALYZE blocking_keys, source_records, source_identifiers, identities",
+            )?;
+        }
         // Chunks of records share one transaction; each record is its own savepoint, so one
         // bad line is reported and skipped without losing the others.
         let chunk: Vec<(usize, std::io::Result<String>)> = lines.by_ref().take(500).collect();

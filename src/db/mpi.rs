@@ -338,14 +338,17 @@ pub fn candidates(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let ids: Vec<i64> = blocking_keys::table
+    // A plain key lookup: with DISTINCT/ORDER BY/LIMIT in SQL, PostgreSQL's generic plan walks
+    // the source_id index and filters on key — a scan of the whole table per record.
+    let mut ids: Vec<i64> = blocking_keys::table
         .filter(blocking_keys::key.eq_any(keys))
-        .filter(blocking_keys::source_id.ne(exclude.unwrap_or(-1)))
         .select(blocking_keys::source_id)
-        .distinct()
-        .order(blocking_keys::source_id.desc())
-        .limit(limit)
+        .limit(limit.saturating_mul(4))
         .load(conn)?;
+    ids.retain(|id| Some(*id) != exclude);
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids.dedup();
+    ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     Ok(source_records::table
         .filter(source_records::id.eq_any(&ids))
         .filter(source_records::status.eq("active"))
