@@ -678,6 +678,17 @@ fn person_param(p: &Value, name: &str) -> Result<i64> {
     })
 }
 
+/// The Parameters answer of a link operation: the resulting person, and a count.
+fn link_result(eid: i64, count: Option<(&str, usize)>) -> Value {
+    let mut parameter = vec![
+        json!({ "name": "result", "valueReference": { "reference": format!("Patient/{}", person_ref(eid)) } }),
+    ];
+    if let Some((name, n)) = count {
+        parameter.push(json!({ "name": name, "valueInteger": n }));
+    }
+    json!({ "resourceType": "Parameters", "parameter": parameter })
+}
+
 /// POST /fhir/Patient/$unlink {source: Patient/src-N}
 pub async fn unlink(
     ctx: RequestContext,
@@ -690,9 +701,7 @@ pub async fn unlink(
         .ok_or_else(|| Error::invalid("'source' must reference a record, e.g. Patient/src-7"))?;
     let actor = ctx.actor();
     let eid = state.db.write(move |c| mpi::unlink(c, sid, &actor)).await?;
-    Ok(ok(
-        &json!({ "resourceType": "Parameters", "parameter": [{ "name": "result", "valueReference": { "reference": format!("Patient/{}", person_ref(eid)) } }] }),
-    ))
+    Ok(ok(&link_result(eid, None)))
 }
 
 /// POST /fhir/Patient/$merge {source: Patient/ent-A, target: Patient/ent-B}
@@ -709,10 +718,7 @@ pub async fn merge(
         .db
         .write(move |c| mpi::merge_identities(c, from, into, &actor))
         .await?;
-    Ok(ok(&json!({ "resourceType": "Parameters", "parameter": [
-        { "name": "result", "valueReference": { "reference": format!("Patient/{}", person_ref(into)) } },
-        { "name": "moved", "valueInteger": moved.len() }
-    ] })))
+    Ok(ok(&link_result(into, Some(("moved", moved.len())))))
 }
 
 /// POST /fhir/Patient/$unmerge {patient: Patient/ent-A}
@@ -729,10 +735,7 @@ pub async fn unmerge(
         .db
         .write(move |c| mpi::unmerge(c, eid, &actor))
         .await?;
-    Ok(ok(&json!({ "resourceType": "Parameters", "parameter": [
-        { "name": "result", "valueReference": { "reference": format!("Patient/{}", person_ref(eid)) } },
-        { "name": "restored", "valueInteger": restored.len() }
-    ] })))
+    Ok(ok(&link_result(eid, Some(("restored", restored.len())))))
 }
 
 /// POST /fhir with a `batch` Bundle of Patient feeds (PUT Patient?identifier=…), each processed
