@@ -228,6 +228,47 @@ async fn hospital_record_is_found_across_the_region(backend: Backend) {
     .await;
     assert_eq!(by_id["total"], 1);
 
+    // Paging: three Garcias, two per page, the next link gives the third.
+    for (i, given) in ["Ana", "Luis", "Marta"].iter().enumerate() {
+        let mrn = format!("H-G{i}");
+        put(
+            &r.hospital,
+            &r.ex,
+            HOSP,
+            &mrn,
+            &patient(
+                HOSP,
+                &mrn,
+                given,
+                "Garcia",
+                &format!("198{i}-05-05"),
+                &format!("{i} Pine St"),
+                "12121",
+                None,
+            ),
+        )
+        .await;
+    }
+    let (_, page1) = get(
+        &r.hospital,
+        &r.ex.url("Patient?family=garcia&_count=2"),
+        "TREAT",
+    )
+    .await;
+    assert_eq!(page1["total"], 3, "{page1}");
+    assert_eq!(page1["entry"].as_array().map(Vec::len), Some(2));
+    let next = page1["link"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["relation"] == "next"))
+        .and_then(|x| x["url"].as_str())
+        .expect("next");
+    let next = format!("{}{}", r.ex.base, next.split("/fhir").nth(1).expect("path"));
+    let (_, page2) = get(&r.hospital, &next, "TREAT").await;
+    assert_eq!(page2["entry"].as_array().map(Vec::len), Some(1), "{page2}");
+    assert!(page2["link"]
+        .as_array()
+        .is_some_and(|l| l.iter().all(|x| x["relation"] != "next")));
+
     // An update keeps the link and answers 200.
     let (status, _, outcome) = put(
         &r.lab,
