@@ -503,15 +503,16 @@ fn import(config: &Config, org: &str, file: &std::path::Path) -> Result<()> {
         chunks += 1;
         // A load into empty tables leaves PostgreSQL planning with the statistics of an empty
         // table (sequential scans for every candidate lookup); refresh them as the tables grow.
-        if !conn.is_sqlite() && (chunks == 3 || chunks % 40 == 0) {
+        if !conn.is_sqlite() && (chunks == 2 || chunks % 4 == 0) {
             diesel::connection::SimpleConnection::batch_execute(
                 &mut *conn,
                 "ANALYZE blocking_keys, source_records, source_identifiers, identities",
             )?;
         }
-        // Chunks of records share one transaction; each record is its own savepoint, so one
+        // Chunks of 5,000 records share one transaction (fewer page writes per record); each record
+        // is its own savepoint, so one
         // bad line is reported and skipped without losing the others.
-        let chunk: Vec<(usize, std::io::Result<String>)> = lines.by_ref().take(500).collect();
+        let chunk: Vec<(usize, std::io::Result<String>)> = lines.by_ref().take(5000).collect();
         diesel::Connection::transaction::<_, Error, _>(&mut *conn, |c| {
             for (n, line) in chunk {
                 let line = line
