@@ -509,9 +509,8 @@ fn import(config: &Config, org: &str, file: &std::path::Path) -> Result<()> {
                 "ANALYZE blocking_keys, source_records, source_identifiers, identities",
             )?;
         }
-        // Chunks of 5,000 records share one transaction (fewer page writes per record); each record
-        // is its own savepoint, so one
-        // bad line is reported and skipped without losing the others.
+        // Chunks of 5,000 records share one transaction (fewer page writes per record); each
+        // record is its own savepoint, so one bad line is reported and skipped alone.
         let chunk: Vec<(usize, std::io::Result<String>)> = lines.by_ref().take(5000).collect();
         diesel::Connection::transaction::<_, Error, _>(&mut *conn, |c| {
             for (n, line) in chunk {
