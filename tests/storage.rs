@@ -81,3 +81,124 @@ async fn concurrent_writes_commit_together_and_fail_alone(backend: Backend) {
     }
 }
 on_both_backends!(concurrent_writes_commit_together_and_fail_alone);
+
+fn member(c: &mut hie_broker::db::DbConn, id: &str) -> orgs::Organization {
+    let new = NewOrganization {
+        id: OrgId::parse(id).expect("id"),
+        name: id.into(),
+        org_type: OrgType::Hospital,
+        fhir_base: None,
+        identifier_systems: vec![format!("urn:{id}")],
+    };
+    orgs::add(c, new, &cert(id), &Actor::cli()).expect("add")
+}
+
+fn person(
+    system: &str,
+    mrn: &str,
+    given: &str,
+    family: &str,
+    dob: &str,
+    ssn: &str,
+) -> serde_json::Value {
+    serde_json::json!({
+        "resourceType": "Patient",
+        "identifier": [{ "system": system, "value": mrn }, { "system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn }],
+        "name": [{ "family": family, "given": [given] }],
+        "birthDate": dob,
+        "address": [{ "line": ["1 Main St"], "postalCode": "11111" }]
+    })
+}
+
+async fn an_update_refiles_the_record_under_its_new_demographics(backend: Backend) {
+    use hie_broker::mpi::{self, FeedRequest, MpiSettings};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::load_with_env(None, |_| None).expect("config");
+    config.database.url = match &backend {
+        Backend::Sqlite => format!("sqlite://{}", dir.path().join("hie.db").display()),
+        Backend::Postgres(url) => url.clone(),
+    };
+    let settings = MpiSettings::from_config(&config).expect("settings");
+    let db = Db::open(&config.database).expect("db");
+    let mut c = db.get().expect("conn");
+    let (a, b) = (member(&mut c, "member-a"), member(&mut c, "member-b"));
+    let feed = |c: &mut hie_broker::db::DbConn,
+                org: &orgs::Organization,
+                mrn: &str,
+                p: &serde_json::Value| {
+        let system = format!("urn:{}", org.id);
+        mpi::feed(
+            c,
+            &settings,
+            org,
+            &FeedRequest {
+                system: &system,
+                value: mrn,
+                patient: p,
+            },
+            &Actor::cli(),
+        )
+        .expect("feed")
+    };
+    // Member A first registers the wrong person under A-1, then corrects it.
+    feed(
+        &mut c,
+        &a,
+        "A-1",
+        &person(
+            "urn:member-a",
+            "A-1",
+            "Oscar",
+            "Lindqvist",
+            "1944-02-02",
+            "111-11-1111",
+        ),
+    );
+    let fixed = feed(
+        &mut c,
+        &a,
+        "A-1",
+        &person(
+            "urn:member-a",
+            "A-1",
+            "Priya",
+            "Raman",
+            "1990-09-09",
+            "222-22-2222",
+        ),
+    );
+    assert!(!fixed.created);
+    // Member B's Priya links to the corrected record; B's Oscar finds nothing left to link to.
+    let priya = feed(
+        &mut c,
+        &b,
+        "B-1",
+        &person(
+            "urn:member-b",
+            "B-1",
+            "Priya",
+            "Raman",
+            "1990-09-09",
+            "222-22-2222",
+        ),
+    );
+    assert_eq!(
+        (priya.outcome.as_str(), priya.enterprise_id),
+        ("linked", fixed.enterprise_id)
+    );
+    let oscar = feed(
+        &mut c,
+        &b,
+        "B-2",
+        &person(
+            "urn:member-b",
+            "B-2",
+            "Oscar",
+            "Lindqvist",
+            "1944-02-02",
+            "111-11-1111",
+        ),
+    );
+    assert_eq!(oscar.outcome, "new-identity");
+}
+on_both_backends!(an_update_refiles_the_record_under_its_new_demographics);

@@ -314,10 +314,24 @@ pub fn system_in_use(conn: &mut DbConn, system: &str) -> Result<bool> {
     Ok(n > 0)
 }
 
-pub fn replace_blocking_keys(conn: &mut DbConn, source_id: i64, keys: &[String]) -> Result<()> {
-    diesel::delete(blocking_keys::table.filter(blocking_keys::source_id.eq(source_id)))
+/// Moves a record from its `old` blocking keys to `new` ones, touching only the difference.
+/// Keys are deleted by primary key (key, source_id), so no index on source_id is needed.
+pub fn update_blocking_keys(
+    conn: &mut DbConn,
+    source_id: i64,
+    old: &[String],
+    new: &[String],
+) -> Result<()> {
+    let gone: Vec<&String> = old.iter().filter(|k| !new.contains(k)).collect();
+    if !gone.is_empty() {
+        diesel::delete(
+            blocking_keys::table
+                .filter(blocking_keys::key.eq_any(gone))
+                .filter(blocking_keys::source_id.eq(source_id)),
+        )
         .execute(conn)?;
-    for key in keys {
+    }
+    for key in new.iter().filter(|k| !old.contains(k)) {
         diesel::insert_into(blocking_keys::table)
             .values((
                 blocking_keys::key.eq(key),

@@ -201,6 +201,17 @@ pub fn evaluate(
     }
 }
 
+/// The blocking keys a stored record is filed under: those of its stored demographics while it
+/// is active; none once it was replaced or deleted (its keys were removed then).
+fn stored_keys(row: &SourceRow) -> Vec<String> {
+    if row.status != "active" {
+        return Vec::new();
+    }
+    serde_json::from_str::<Demographics>(&row.demographics)
+        .map(|d| d.blocking_keys())
+        .unwrap_or_default()
+}
+
 fn content(patient: &Value, demo: &Demographics, now: i64) -> SourceContent {
     SourceContent {
         resource: patient.to_string(),
@@ -447,7 +458,7 @@ fn upsert(
                 now,
             )?;
             store::replace_identifiers(conn, sid, &normalised_ids)?;
-            store::replace_blocking_keys(conn, sid, &demo.blocking_keys())?;
+            store::update_blocking_keys(conn, sid, &[], &demo.blocking_keys())?;
             let mut result = apply(conn, sid, eid, &eval, now)?;
             result.created = true;
             Ok(result)
@@ -455,7 +466,7 @@ fn upsert(
         Some(e) => {
             store::update_source_content(conn, e.id, &content)?;
             store::replace_identifiers(conn, e.id, &normalised_ids)?;
-            store::replace_blocking_keys(conn, e.id, &demo.blocking_keys())?;
+            store::update_blocking_keys(conn, e.id, &stored_keys(&e), &demo.blocking_keys())?;
             rematch(conn, s, org, e, &demo, now)
         }
     }
@@ -642,7 +653,7 @@ fn merge_source(
     let old_eid = old.enterprise_id;
     store::set_source_status(conn, old.id, "replaced", Some(survivor.id), now)?;
     store::set_source_identity(conn, old.id, survivor.enterprise_id, "manual")?;
-    store::replace_blocking_keys(conn, old.id, &[])?;
+    store::update_blocking_keys(conn, old.id, &stored_keys(&old), &[])?;
     let detail = json!({ "source": old.id, "replaced_by": survivor.id }).to_string();
     store::insert_history(
         conn,
@@ -690,7 +701,7 @@ pub fn delete(
             .filter(|r| r.status != "deleted")
             .ok_or_else(|| Error::not_found(format!("no record {system}|{value} in the MPI")))?;
         store::set_source_status(conn, rec.id, "deleted", None, now)?;
-        store::replace_blocking_keys(conn, rec.id, &[])?;
+        store::update_blocking_keys(conn, rec.id, &stored_keys(&rec), &[])?;
         store::insert_history(
             conn,
             rec.enterprise_id,

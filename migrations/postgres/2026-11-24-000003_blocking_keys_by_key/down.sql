@@ -1,0 +1,1 @@
+CREATE INDEX blocking_keys_source ON blocking_keys(source_id);
