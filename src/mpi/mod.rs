@@ -867,14 +867,14 @@ pub struct CrossReference {
 }
 
 /// ITI-83 with IHE error semantics: unknown source domain 400, unknown patient 404,
-/// unknown target domain 403.
+/// unknown target domain 403. Returns the person and their identifiers in other domains.
 pub fn cross_reference(
     conn: &mut DbConn,
     s: &MpiSettings,
     system: &str,
     value: &str,
     targets: &[String],
-) -> Result<Vec<CrossReference>> {
+) -> Result<(i64, Vec<CrossReference>)> {
     if !known_system(conn, s, system)? {
         return Err(Error::invalid(format!(
             "sourceIdentifier Assigning Authority '{system}' not found"
@@ -912,7 +912,7 @@ pub fn cross_reference(
         out.retain(|x| targets.contains(&x.system));
     }
     out.dedup();
-    Ok(out)
+    Ok((eid, out))
 }
 
 /// FHIR match-grade.

@@ -446,33 +446,11 @@ pub async fn pix(
         .map(str::to_string)
         .collect();
     let settings = state.mpi.clone();
-    let (sys, val) = (system.clone(), value.clone());
-    let refs = state
+    let (eid, refs) = state
         .db
-        .run(move |c| mpi::cross_reference(c, &settings, &sys, &val, &targets))
+        .run(move |c| mpi::cross_reference(c, &settings, &system, &value, &targets))
         .await?;
-    let eid = refs
-        .iter()
-        .find(|r| r.target_id.starts_with("ent-"))
-        .and_then(|r| mpi::parse_person_ref(&r.target_id));
-    let settings = state.mpi.clone();
-    let eid = match eid {
-        Some(e) => Some(e),
-        None => {
-            state
-                .db
-                .run(move |c| mpi::resolve_identifier(c, &settings, &system, &value))
-                .await?
-        }
-    };
-    audit_disclosure(
-        &state,
-        &ctx,
-        "ihe-pix",
-        &eid.into_iter().collect::<Vec<_>>(),
-        req.query_string(),
-    )
-    .await?;
+    audit_disclosure(&state, &ctx, "ihe-pix", &[eid], req.query_string()).await?;
     let mut parameter = Vec::new();
     for r in &refs {
         parameter.push(json!({ "name": "targetIdentifier", "valueIdentifier": { "system": r.system, "value": r.value } }));
