@@ -54,6 +54,28 @@ pub enum Command {
     /// The master patient index: review queue, links, merges.
     #[command(subcommand)]
     Mpi(MpiCommand),
+    /// Run a simulated member EHR: an HTTPS FHIR server (mutual TLS, trusting the exchange CA)
+    /// serving the member's documents from DIR/documents, for tests and demos.
+    MemberSim {
+        /// The member organisation it plays.
+        #[arg(long)]
+        org: String,
+        /// Address to listen on (port 0 picks a free one; the address is printed).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Data directory (documents/ holds the document files).
+        #[arg(long)]
+        data: PathBuf,
+        /// Server certificate and key; default certs/orgs/ORG/client.{crt,key}, which
+        /// `hie certs issue --org ORG --server-name localhost` makes usable as a server certificate.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Answer every request this many milliseconds late (a slow member).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -243,6 +265,28 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Serve => {
             let system = actix_web::rt::System::new();
             system.block_on(crate::server::serve(config))?;
+        }
+        Command::MemberSim {
+            org,
+            listen,
+            data,
+            cert,
+            key,
+            delay_ms,
+        } => {
+            let (default_cert, default_key) = crate::member::default_paths(&config.certs.dir, &org);
+            let options = crate::member::SimOptions {
+                org,
+                listen,
+                data,
+                cert: cert.unwrap_or(default_cert),
+                key: key.unwrap_or(default_key),
+                ca: config.certs.dir.join(certs::CA_CERT),
+                crl: config.certs.dir.join(certs::CRL),
+                delay: std::time::Duration::from_millis(delay_ms),
+            };
+            let system = actix_web::rt::System::new();
+            system.block_on(crate::member::run(options))?;
         }
         Command::Migrate => {
             let applied = db::migrate_only(&config.database)?;

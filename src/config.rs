@@ -22,6 +22,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub rate_limit: RateLimitConfig,
     pub mpi: MpiConfig,
+    pub members: MembersConfig,
     pub log: LogConfig,
 }
 
@@ -103,6 +104,14 @@ pub struct MpiConfig {
     pub shared_identifier_systems: Vec<String>,
     pub weights_file: PathBuf,
     pub max_candidates: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MembersConfig {
+    pub timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub max_connections_per_member: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -203,6 +212,11 @@ impl Config {
         if self.mpi.review_threshold >= self.mpi.auto_link_threshold {
             return Err(Error::config(
                 "config key 'mpi.review_threshold' must be below 'mpi.auto_link_threshold'",
+            ));
+        }
+        if self.members.timeout_ms == 0 || self.members.idle_timeout_ms == 0 {
+            return Err(Error::config(
+                "config keys 'members.timeout_ms' and 'members.idle_timeout_ms' must be greater than 0",
             ));
         }
         if self.mpi.max_candidates < 1 {

@@ -16,6 +16,8 @@ pub enum ErrorKind {
     NotFound,
     /// Conflicts with the current state, e.g. a duplicate (409, `conflict`).
     Conflict,
+    /// Well-formed, but breaks a rule of the exchange, e.g. an unknown patient (422, `processing`).
+    Unprocessable,
     /// Existed once, no longer current (410, `deleted`).
     Gone,
     /// Over the caller's rate limit (429, `throttled`); carries the seconds to wait.

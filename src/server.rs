@@ -82,6 +82,7 @@ pub async fn serve(config: Config) -> Result<()> {
     let auditor = Auditor::start(db.clone(), config.audit.batch_max, metrics.clone());
     let limits = Arc::new(RateLimits::new(&config.rate_limit));
     let mpi = Arc::new(crate::mpi::MpiSettings::from_config(&config)?);
+    let outbound = crate::outbound::Outbound::new(&config)?;
     let config = Arc::new(config);
     let state = web::Data::new(AppState {
         config: Arc::clone(&config),
@@ -92,6 +93,7 @@ pub async fn serve(config: Config) -> Result<()> {
         identities: IdentityCache::new(Duration::from_millis(config.server.identity_cache_ms)),
         metrics,
         mpi,
+        outbound,
     });
 
     let (exchange, addrs) = api::exchange_server(state.clone())?;

@@ -35,6 +35,7 @@ pub struct AppState {
     pub identities: IdentityCache,
     pub metrics: Metrics,
     pub mpi: Arc<crate::mpi::MpiSettings>,
+    pub outbound: crate::outbound::Outbound,
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);

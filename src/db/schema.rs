@@ -173,3 +173,38 @@ diesel::allow_tables_to_appear_in_same_query!(
     identities,
     blocking_keys
 );
+
+diesel::table! {
+    documents (id) {
+        id -> BigInt,
+        master_id -> Text,
+        org_id -> Text,
+        source_id -> BigInt,
+        list_id -> Nullable<BigInt>,
+        status -> Text,
+        doc_date -> Nullable<BigInt>,
+        content_type -> Text,
+        url -> Text,
+        size -> BigInt,
+        hash -> Text,
+        digest -> Text,
+        resource -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    document_lists (id) {
+        id -> BigInt,
+        master_id -> Text,
+        kind -> Text,
+        org_id -> Text,
+        source_id -> BigInt,
+        status -> Text,
+        list_date -> Nullable<BigInt>,
+        digest -> Text,
+        resource -> Text,
+        created_at -> BigInt,
+    }
+}

@@ -2,6 +2,7 @@
 
 mod audit_event;
 mod directory;
+pub mod documents;
 mod metadata;
 pub mod patient;
 
@@ -47,6 +48,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             )
             .route("/Endpoint", web::get().to(directory::search_endpoints))
             .route("/Endpoint/{id}", web::get().to(directory::read_endpoint))
+            .route("/DocumentReference", web::get().to(documents::search))
+            .route(
+                "/DocumentReference/_search",
+                web::post().to(documents::search_post),
+            )
+            .route("/DocumentReference/{id}", web::get().to(documents::read))
+            .route("/List", web::get().to(documents::search_lists))
+            .route("/List/{id}", web::get().to(documents::read_list))
+            .route("/Binary/{id}", web::get().to(documents::retrieve))
             .route("/AuditEvent", web::get().to(audit_event::search))
             .route("/AuditEvent/{id}", web::get().to(audit_event::read)),
     );
@@ -99,6 +109,10 @@ impl Params {
         Ok(first.filter(|v| !v.is_empty()))
     }
 
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
+
     pub fn all(&self, name: &str) -> Vec<&str> {
         self.0
             .iter()
@@ -147,12 +161,31 @@ pub fn searchset(
     bundle
 }
 
+/// The base URL of the FHIR API for links in answers: `server.public_base_url` when set,
+/// else the host the member connected to.
+pub fn base(state: &AppState, req: &HttpRequest) -> String {
+    if !state.config.server.public_base_url.is_empty() {
+        return state.config.fhir_base();
+    }
+    let info = req.connection_info();
+    let host = info.host();
+    if !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    {
+        format!("https://{host}/fhir")
+    } else {
+        state.config.fhir_base()
+    }
+}
+
 /// The URL of this request as the member sees it.
 pub fn self_url(state: &AppState, req: &HttpRequest) -> String {
     let path = req.path().strip_prefix("/fhir").unwrap_or(req.path());
     match req.query_string() {
-        "" => format!("{}{path}", state.config.fhir_base()),
-        q => format!("{}{path}?{q}", state.config.fhir_base()),
+        "" => format!("{}{path}", base(state, req)),
+        q => format!("{}{path}?{q}", base(state, req)),
     }
 }
 

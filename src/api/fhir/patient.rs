@@ -721,6 +721,7 @@ pub async fn unmerge(
 pub async fn batch(
     ctx: RequestContext,
     state: web::Data<AppState>,
+    req: HttpRequest,
     body: web::Bytes,
 ) -> Result<HttpResponse> {
     let bundle = parse_json(&body)?;
@@ -729,8 +730,15 @@ pub async fn batch(
     }
     match bundle.get("type").and_then(Value::as_str) {
         Some("batch") => {}
-        Some("transaction") => return Err(Error::invalid("transaction Bundles are for document submission (MHD ITI-65), not yet supported; send Patients in a batch Bundle").at("Bundle.type")),
-        _ => return Err(Error::invalid("Bundle.type must be batch").at("Bundle.type")),
+        Some("transaction") => {
+            return super::documents::transaction(ctx, state, req, bundle).await
+        }
+        _ => {
+            return Err(Error::invalid(
+                "Bundle.type must be batch (Patients) or transaction (a document submission, MHD ITI-65)",
+            )
+            .at("Bundle.type"))
+        }
     }
     let entries = bundle
         .get("entry")

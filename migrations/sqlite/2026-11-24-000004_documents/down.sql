@@ -1,0 +1,2 @@
+DROP TABLE document_lists;
+DROP TABLE documents;

@@ -1,0 +1,160 @@
+//! `hie member-sim`: a small but real member EHR for tests, benchmarks and the demo. It is an
+//! HTTPS server that requires a client certificate issued by the exchange CA (the broker's),
+//! and serves the member's own documents from a data directory:
+//!
+//! ```text
+//! DIR/documents/NAME   ->  GET {base}/Binary/NAME   (bytes; type from the file extension)
+//! ```
+//!
+//! `--delay-ms` makes every answer late, to play a slow member.
+
+use actix_tls::accept::rustls_0_23::TlsStream;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::tls::{ClientTrust, PeerCert};
+
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub org: String,
+    pub listen: std::net::SocketAddr,
+    pub data: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub crl: PathBuf,
+    pub delay: Duration,
+}
+
+struct SimState {
+    options: SimOptions,
+    /// Documents read once and kept: a member's repository answers from its own storage.
+    cache: Mutex<HashMap<String, web::Bytes>>,
+}
+
+fn content_type(name: &str) -> &'static str {
+    match name.rsplit('.').next().unwrap_or_default() {
+        "pdf" => "application/pdf",
+        "xml" => "application/xml",
+        "json" => "application/fhir+json",
+        "txt" | "text" => "text/plain; charset=utf-8",
+        "html" => "text/html; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+fn outcome(status: actix_web::http::StatusCode, text: &str) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type(crate::api::outcome::FHIR_JSON)
+        .body(crate::api::outcome::operation_outcome("error", "not-found", text, None).to_string())
+}
+
+fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+async fn binary(state: web::Data<SimState>, req: HttpRequest, name: web::Path<String>) -> HttpResponse {
+    if !state.options.delay.is_zero() {
+        tokio::time::sleep(state.options.delay).await;
+    }
+    if req.conn_data::<PeerCert>().is_none() {
+        return outcome(actix_web::http::StatusCode::FORBIDDEN, "client certificate required");
+    }
+    let name = name.into_inner();
+    if !safe_name(&name) {
+        return outcome(actix_web::http::StatusCode::NOT_FOUND, "no such document");
+    }
+    let cached = state.cache.lock().ok().and_then(|c| c.get(&name).cloned());
+    let bytes = match cached {
+        Some(b) => b,
+        None => {
+            let path = state.options.data.join("documents").join(&name);
+            match web::block(move || std::fs::read(path)).await {
+                Ok(Ok(data)) => {
+                    let b = web::Bytes::from(data);
+                    if let Ok(mut c) = state.cache.lock() {
+                        c.insert(name.clone(), b.clone());
+                    }
+                    b
+                }
+                _ => return outcome(actix_web::http::StatusCode::NOT_FOUND, "no such document"),
+            }
+        }
+    };
+    HttpResponse::Ok().content_type(content_type(&name)).body(bytes)
+}
+
+async fn metadata(state: web::Data<SimState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type(crate::api::outcome::FHIR_JSON)
+        .body(
+            serde_json::json!({
+                "resourceType": "CapabilityStatement",
+                "status": "active",
+                "kind": "instance",
+                "fhirVersion": "4.0.1",
+                "format": ["json"],
+                "software": { "name": format!("hie member-sim ({})", state.options.org) },
+                "rest": [{ "mode": "server", "resource": [{ "type": "Binary", "interaction": [{ "code": "read" }] }] }]
+            })
+            .to_string(),
+        )
+}
+
+/// Runs the simulated member until killed. Prints `member-sim: listening on https://ADDR/fhir`.
+pub async fn run(options: SimOptions) -> Result<()> {
+    let trust = ClientTrust::load(&options.ca, &options.crl, Metrics::new())?;
+    let tls = trust.server_config(&options.cert, &options.key)?;
+    let state = web::Data::new(SimState {
+        options: options.clone(),
+        cache: Mutex::new(HashMap::new()),
+    });
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/fhir/metadata", web::get().to(metadata))
+            .route("/fhir/Binary/{name}", web::get().to(binary))
+    })
+    .on_connect(|conn, ext| {
+        if let Some(tls) = conn.downcast_ref::<TlsStream<TcpStream>>() {
+            let (_, session) = tls.get_ref();
+            if let Some(peer) = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| PeerCert::from_der(c))
+            {
+                ext.insert(peer);
+            }
+        }
+    })
+    .workers(2)
+    .shutdown_timeout(1)
+    .bind_rustls_0_23(options.listen, tls)
+    .map_err(|e| Error::config(format!("cannot listen on {}: {e}", options.listen)))?;
+    for a in server.addrs() {
+        println!("member-sim: {} listening on https://{a}/fhir", options.org);
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    server
+        .run()
+        .await
+        .map_err(|e| Error::internal(format!("member-sim stopped: {e}")))
+}
+
+/// Default certificate paths of a member issued by `hie certs issue --org ID`.
+pub fn default_paths(certs_dir: &Path, org: &str) -> (PathBuf, PathBuf) {
+    let dir = certs_dir.join("orgs").join(org);
+    (dir.join("client.crt"), dir.join("client.key"))
+}
