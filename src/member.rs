@@ -64,12 +64,19 @@ fn safe_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-async fn binary(state: web::Data<SimState>, req: HttpRequest, name: web::Path<String>) -> HttpResponse {
+async fn binary(
+    state: web::Data<SimState>,
+    req: HttpRequest,
+    name: web::Path<String>,
+) -> HttpResponse {
     if !state.options.delay.is_zero() {
         tokio::time::sleep(state.options.delay).await;
     }
     if req.conn_data::<PeerCert>().is_none() {
-        return outcome(actix_web::http::StatusCode::FORBIDDEN, "client certificate required");
+        return outcome(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "client certificate required",
+        );
     }
     let name = name.into_inner();
     if !safe_name(&name) {
@@ -92,7 +99,9 @@ async fn binary(state: web::Data<SimState>, req: HttpRequest, name: web::Path<St
             }
         }
     };
-    HttpResponse::Ok().content_type(content_type(&name)).body(bytes)
+    HttpResponse::Ok()
+        .content_type(content_type(&name))
+        .body(bytes)
 }
 
 async fn metadata(state: web::Data<SimState>) -> HttpResponse {

@@ -100,10 +100,7 @@ pub fn document_by_master_id(conn: &mut DbConn, master_id: &str) -> Result<Optio
 
 pub fn set_document_status(conn: &mut DbConn, id: i64, status: &str, now: i64) -> Result<()> {
     diesel::update(documents::table.find(id))
-        .set((
-            documents::status.eq(status),
-            documents::updated_at.eq(now),
-        ))
+        .set((documents::status.eq(status), documents::updated_at.eq(now)))
         .execute(conn)?;
     Ok(())
 }

@@ -437,7 +437,7 @@ fn upsert(
             ));
         }
     }
-    let normalised_ids: Vec<(String, String)> = ids.to_vec();
+    let normalised_ids = indexed_identifiers(s, ids);
     match existing {
         None => {
             let candidates =
@@ -637,7 +637,7 @@ fn merge_source(
                 &content(req.patient, &demo, now),
                 now,
             )?;
-            store::replace_identifiers(conn, sid, ids)?;
+            store::replace_identifiers(conn, sid, &indexed_identifiers(s, ids))?;
             store::get_source(conn, sid)?
                 .ok_or_else(|| Error::internal("source record vanished"))?
         }
@@ -806,6 +806,21 @@ pub fn current_identity(conn: &mut DbConn, mut eid: i64) -> Result<Option<i64>> 
         }
     }
     Ok(None)
+}
+
+/// Identifiers as they are indexed: values in shared systems (national, insurance ids) in
+/// their normalised form, so that `123-45-6789` and `123456789` find the same person.
+fn indexed_identifiers(s: &MpiSettings, ids: &[(String, String)]) -> Vec<(String, String)> {
+    ids.iter()
+        .map(|(system, value)| {
+            let v = if s.shared_systems.iter().any(|x| x == system) {
+                normalize::identifier_value(value).unwrap_or_else(|| value.clone())
+            } else {
+                value.clone()
+            };
+            (system.clone(), v)
+        })
+        .collect()
 }
 
 /// Whether an identifier system is known to the exchange (owned by a member, shared, or ours).

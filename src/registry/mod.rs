@@ -153,9 +153,10 @@ fn local_reference<'a>(reference: &'a str, fhir_base: &str) -> &'a str {
 }
 
 fn subject_of(resource: &Value, i: usize, fhir_base: &str) -> Result<Subject> {
-    let subject = resource
-        .get("subject")
-        .ok_or_else(|| Error::invalid("subject is required: the patient the document is about").at(at(i, "subject")))?;
+    let subject = resource.get("subject").ok_or_else(|| {
+        Error::invalid("subject is required: the patient the document is about")
+            .at(at(i, "subject"))
+    })?;
     if let Some(reference) = subject.get("reference").and_then(Value::as_str) {
         let local = local_reference(reference, fhir_base);
         let id = local.strip_prefix("Patient/").unwrap_or_default();
@@ -219,7 +220,12 @@ fn list_unique_id(resource: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
-fn check_own_org(reference: Option<&str>, org: &Organization, what: &str, path: String) -> Result<()> {
+fn check_own_org(
+    reference: Option<&str>,
+    org: &Organization,
+    what: &str,
+    path: String,
+) -> Result<()> {
     let Some(reference) = reference else {
         return Ok(());
     };
@@ -235,7 +241,11 @@ fn check_own_org(reference: Option<&str>, org: &Organization, what: &str, path: 
 }
 
 /// The attachment rules: content stays at the source.
-fn check_attachment(att: &Value, i: usize, org: &Organization) -> Result<(String, String, i64, String)> {
+fn check_attachment(
+    att: &Value,
+    i: usize,
+    org: &Organization,
+) -> Result<(String, String, i64, String)> {
     let path = |f: &str| at(i, &format!("content[0].attachment.{f}"));
     if att.get("data").is_some() {
         return Err(Error::invalid(
@@ -248,11 +258,16 @@ fn check_attachment(att: &Value, i: usize, org: &Organization) -> Result<(String
         .get("contentType")
         .and_then(Value::as_str)
         .filter(|s| s.contains('/') && !s.contains(char::is_control))
-        .ok_or_else(|| Error::invalid("attachment.contentType is required, e.g. application/pdf").at(path("contentType")))?;
-    let url = att
-        .get("url")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::invalid("attachment.url is required: where the document can be fetched in your repository").at(path("url")))?;
+        .ok_or_else(|| {
+            Error::invalid("attachment.contentType is required, e.g. application/pdf")
+                .at(path("contentType"))
+        })?;
+    let url = att.get("url").and_then(Value::as_str).ok_or_else(|| {
+        Error::invalid(
+            "attachment.url is required: where the document can be fetched in your repository",
+        )
+        .at(path("url"))
+    })?;
     let Some(base) = org.fhir_base.as_deref() else {
         return Err(Error::invalid(format!(
             "organisation '{}' has no registered FHIR base, so its documents cannot be fetched; ask the exchange operator to register your endpoint",
@@ -275,11 +290,14 @@ fn check_attachment(att: &Value, i: usize, org: &Organization) -> Result<(String
         .get("size")
         .and_then(Value::as_i64)
         .filter(|n| *n >= 0)
-        .ok_or_else(|| Error::invalid("attachment.size is required: the document's length in bytes").at(path("size")))?;
-    let hash = att
-        .get("hash")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::invalid("attachment.hash is required: the SHA-1 of the document, base64").at(path("hash")))?;
+        .ok_or_else(|| {
+            Error::invalid("attachment.size is required: the document's length in bytes")
+                .at(path("size"))
+        })?;
+    let hash = att.get("hash").and_then(Value::as_str).ok_or_else(|| {
+        Error::invalid("attachment.hash is required: the SHA-1 of the document, base64")
+            .at(path("hash"))
+    })?;
     match openssl::base64::decode_block(hash) {
         Ok(bytes) if bytes.len() == 20 => {}
         _ => {
@@ -289,16 +307,29 @@ fn check_attachment(att: &Value, i: usize, org: &Organization) -> Result<(String
             .at(path("hash")))
         }
     }
-    Ok((content_type.to_string(), url.to_string(), size, hash.to_string()))
+    Ok((
+        content_type.to_string(),
+        url.to_string(),
+        size,
+        hash.to_string(),
+    ))
 }
 
-fn plan_document(e: &Value, i: usize, org: &Organization, fhir_base: &str) -> Result<PlannedDocument> {
+fn plan_document(
+    e: &Value,
+    i: usize,
+    org: &Organization,
+    fhir_base: &str,
+) -> Result<PlannedDocument> {
     let r = &e["resource"];
     let master_id = r
         .pointer("/masterIdentifier/value")
         .and_then(Value::as_str)
         .filter(|s| !s.trim().is_empty())
-        .ok_or_else(|| Error::invalid("masterIdentifier.value is required: the document's unique id").at(at(i, "masterIdentifier")))?
+        .ok_or_else(|| {
+            Error::invalid("masterIdentifier.value is required: the document's unique id")
+                .at(at(i, "masterIdentifier"))
+        })?
         .to_string();
     match r.get("status").and_then(Value::as_str) {
         Some("current") => {}
@@ -311,14 +342,20 @@ fn plan_document(e: &Value, i: usize, org: &Organization, fhir_base: &str) -> Re
         None => return Err(Error::invalid("status is required ('current')").at(at(i, "status"))),
     }
     if !has_code(r.get("type")) {
-        return Err(Error::invalid("type is required: a CodeableConcept with a coding (e.g. LOINC 11506-3 Progress note)").at(at(i, "type")));
+        return Err(Error::invalid(
+            "type is required: a CodeableConcept with a coding (e.g. LOINC 11506-3 Progress note)",
+        )
+        .at(at(i, "type")));
     }
     let category_ok = r
         .get("category")
         .and_then(Value::as_array)
         .is_some_and(|c| !c.is_empty() && c.iter().all(|cc| has_code(Some(cc))));
     if !category_ok {
-        return Err(Error::invalid("category is required: at least one CodeableConcept with a coding (the document class)").at(at(i, "category")));
+        return Err(Error::invalid(
+            "category is required: at least one CodeableConcept with a coding (the document class)",
+        )
+        .at(at(i, "category")));
     }
     let date = date_of(r, i, "date", true)?;
     let labels = r.get("securityLabel").and_then(Value::as_array);
@@ -359,9 +396,9 @@ fn plan_document(e: &Value, i: usize, org: &Organization, fhir_base: &str) -> Re
     if !format_ok {
         return Err(Error::invalid("content.format is required: a Coding of the document's format (e.g. urn:ihe:iti:xds:2017:mimeTypeSufficient)").at(at(i, "content[0].format")));
     }
-    let att = content
-        .get("attachment")
-        .ok_or_else(|| Error::invalid("content.attachment is required").at(at(i, "content[0].attachment")))?;
+    let att = content.get("attachment").ok_or_else(|| {
+        Error::invalid("content.attachment is required").at(at(i, "content[0].attachment"))
+    })?;
     let (content_type, url, size, hash) = check_attachment(att, i, org)?;
     let subject = subject_of(r, i, fhir_base)?;
     check_own_org(
@@ -380,7 +417,12 @@ fn plan_document(e: &Value, i: usize, org: &Organization, fhir_base: &str) -> Re
     {
         if let Some(reference) = a.get("reference").and_then(Value::as_str) {
             if local_reference(reference, fhir_base).starts_with("Organization/") {
-                check_own_org(Some(reference), org, "author", at(i, &format!("author[{k}]")))?;
+                check_own_org(
+                    Some(reference),
+                    org,
+                    "author",
+                    at(i, &format!("author[{k}]")),
+                )?;
             }
         }
     }
@@ -401,16 +443,17 @@ fn plan_document(e: &Value, i: usize, org: &Organization, fhir_base: &str) -> Re
             ))
             .at(path));
         }
-        let target = if let Some(reference) = rel.pointer("/target/reference").and_then(Value::as_str) {
-            local_reference(reference, fhir_base)
-                .strip_prefix("DocumentReference/")
-                .and_then(parse_doc_ref)
-                .map(Target::Id)
-        } else {
-            rel.pointer("/target/identifier/value")
-                .and_then(Value::as_str)
-                .map(|v| Target::MasterId(v.to_string()))
-        };
+        let target =
+            if let Some(reference) = rel.pointer("/target/reference").and_then(Value::as_str) {
+                local_reference(reference, fhir_base)
+                    .strip_prefix("DocumentReference/")
+                    .and_then(parse_doc_ref)
+                    .map(Target::Id)
+            } else {
+                rel.pointer("/target/identifier/value")
+                    .and_then(Value::as_str)
+                    .map(|v| Target::MasterId(v.to_string()))
+            };
         let target = target.ok_or_else(|| {
             Error::invalid("relatesTo.target must reference a registered DocumentReference (DocumentReference/doc-N) or give its masterIdentifier as target.identifier").at(format!("{path}.target"))
         })?;
@@ -483,7 +526,10 @@ fn plan_list(e: &Value, i: usize, org: &Organization, fhir_base: &str) -> Result
         let reference = item
             .pointer("/item/reference")
             .and_then(Value::as_str)
-            .ok_or_else(|| Error::invalid("List.entry.item.reference is required").at(at(i, &format!("entry[{k}].item"))))?;
+            .ok_or_else(|| {
+                Error::invalid("List.entry.item.reference is required")
+                    .at(at(i, &format!("entry[{k}].item")))
+            })?;
         items.push(reference.to_string());
     }
     Ok(PlannedList {
@@ -518,7 +564,10 @@ pub fn plan(bundle: &Value, org: &Organization, fhir_base: &str) -> Result<Plan>
     for (i, e) in entries.iter().enumerate() {
         let kind = e.pointer("/resource/resourceType").and_then(Value::as_str);
         let method = e.pointer("/request/method").and_then(Value::as_str);
-        let url = e.pointer("/request/url").and_then(Value::as_str).unwrap_or_default();
+        let url = e
+            .pointer("/request/url")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         match (kind, method) {
             (Some("DocumentReference"), Some("POST")) => {
                 plan.documents.push(plan_document(e, i, org, fhir_base)?)
@@ -569,7 +618,11 @@ pub fn plan(bundle: &Value, org: &Organization, fhir_base: &str) -> Result<Plan>
             }
         }
     }
-    let submission_sets = plan.lists.iter().filter(|l| l.kind == "submissionset").count();
+    let submission_sets = plan
+        .lists
+        .iter()
+        .filter(|l| l.kind == "submissionset")
+        .count();
     if !plan.documents.is_empty() && submission_sets != 1 {
         return Err(Error::invalid(
             "a submission of documents needs exactly one SubmissionSet List (code submissionset)",
@@ -607,10 +660,17 @@ pub fn plan(bundle: &Value, org: &Organization, fhir_base: &str) -> Result<Plan>
             .at(format!("Bundle.entry[{}]", d.index)));
         }
     }
-    let mut ids: Vec<&str> = plan.documents.iter().map(|d| d.master_id.as_str()).collect();
+    let mut ids: Vec<&str> = plan
+        .documents
+        .iter()
+        .map(|d| d.master_id.as_str())
+        .collect();
     ids.sort_unstable();
     if ids.windows(2).any(|w| w[0] == w[1]) {
-        return Err(Error::invalid("two DocumentReferences of this transaction have the same masterIdentifier").at("Bundle.entry"));
+        return Err(Error::invalid(
+            "two DocumentReferences of this transaction have the same masterIdentifier",
+        )
+        .at("Bundle.entry"));
     }
     Ok(plan)
 }
@@ -622,6 +682,14 @@ pub struct EntryResult {
     pub created: bool,
     /// `DocumentReference/doc-N` or `List/list-N`.
     pub location: String,
+}
+
+/// The person a source record belongs to now (None if it was deleted or retired).
+pub fn person_of_source(conn: &mut DbConn, source_id: i64) -> Result<Option<i64>> {
+    match crate::db::mpi::get_source(conn, source_id)? {
+        Some(s) => mpi::current_identity(conn, s.enterprise_id),
+        None => Ok(None),
+    }
 }
 
 /// The registered subject: a source record and the person it belongs to now.
@@ -680,7 +748,12 @@ fn find_target(conn: &mut DbConn, target: &Target) -> Result<Option<DocumentRow>
 
 /// The document as the registry keeps it: the submission, with the subject resolved, the
 /// custodian named and relations pointing at registered ids.
-fn stored_document(d: &PlannedDocument, org: &Organization, source_id: i64, targets: &[i64]) -> Value {
+fn stored_document(
+    d: &PlannedDocument,
+    org: &Organization,
+    source_id: i64,
+    targets: &[i64],
+) -> Value {
     let mut r = d.resource.clone();
     if let Some(o) = r.as_object_mut() {
         o.remove("id");
@@ -820,10 +893,7 @@ pub fn register(
                     )
                     .at(path));
                 }
-                let t_eid = crate::db::mpi::get_source(conn, t.source_id)?
-                    .map(|s| mpi::current_identity(conn, s.enterprise_id))
-                    .transpose()?
-                    .flatten();
+                let t_eid = person_of_source(conn, t.source_id)?;
                 if t_eid != person {
                     return Err(Error::new(
                         ErrorKind::Unprocessable,
@@ -869,8 +939,11 @@ pub fn register(
     }
     for ch in &plan.changes {
         let t = store::get_document(conn, ch.id)?.ok_or_else(|| {
-            Error::not_found(format!("DocumentReference/{} is not registered", doc_ref(ch.id)))
-                .at(format!("Bundle.entry[{}].request.url", ch.index))
+            Error::not_found(format!(
+                "DocumentReference/{} is not registered",
+                doc_ref(ch.id)
+            ))
+            .at(format!("Bundle.entry[{}].request.url", ch.index))
         })?;
         if t.org_id != org.id.as_str() {
             return Err(Error::forbidden(format!(
@@ -882,10 +955,7 @@ pub fn register(
         }
         store::set_document_status(conn, t.id, &ch.status, now)?;
         if person.is_none() {
-            person = crate::db::mpi::get_source(conn, t.source_id)?
-                .map(|s| mpi::current_identity(conn, s.enterprise_id))
-                .transpose()?
-                .flatten();
+            person = person_of_source(conn, t.source_id)?;
         }
         results.push(EntryResult {
             index: ch.index,
@@ -903,9 +973,16 @@ pub fn register(
             r["subject"] = json!({ "reference": format!("Patient/{}", source_ref(*sid)) });
             if let Some(entries) = r.get_mut("entry").and_then(Value::as_array_mut) {
                 for e in entries.iter_mut() {
-                    let item = e.pointer("/item/reference").and_then(Value::as_str).map(str::to_string);
-                    if let Some((_, doc)) = doc_ids.iter().find(|(u, _)| u.is_some() && u.as_deref() == item.as_deref()) {
-                        e["item"] = json!({ "reference": format!("DocumentReference/{}", doc_ref(*doc)) });
+                    let item = e
+                        .pointer("/item/reference")
+                        .and_then(Value::as_str)
+                        .map(str::to_string);
+                    if let Some((_, doc)) = doc_ids
+                        .iter()
+                        .find(|(u, _)| u.is_some() && u.as_deref() == item.as_deref())
+                    {
+                        e["item"] =
+                            json!({ "reference": format!("DocumentReference/{}", doc_ref(*doc)) });
                     }
                 }
             }

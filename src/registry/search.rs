@@ -141,7 +141,10 @@ fn codings<'a>(v: Option<&'a Value>, out: &mut Vec<(Option<&'a str>, Option<&'a 
             if let Some(cs) = o.get("coding") {
                 codings(Some(cs), out);
             } else if o.contains_key("code") || o.contains_key("value") {
-                let code = o.get("code").or_else(|| o.get("value")).and_then(Value::as_str);
+                let code = o
+                    .get("code")
+                    .or_else(|| o.get("value"))
+                    .and_then(Value::as_str);
                 out.push((o.get("system").and_then(Value::as_str), code));
             }
         }
@@ -191,6 +194,9 @@ pub struct Criteria {
     fhir_base: String,
     pub ascending: bool,
 }
+
+/// A search parameter and the JSON paths it looks at.
+type ParamPaths = (&'static str, &'static [&'static str]);
 
 const DOC_TOKENS: [(&str, &[&str]); 8] = [
     ("category", &["/category"]),
@@ -256,7 +262,7 @@ impl Criteria {
             ..Criteria::default()
         };
         let mut status_given = false;
-        let (tokens, refs): (&[(&str, &[&str])], &[(&str, &[&str])]) = if documents {
+        let (tokens, refs): (&[ParamPaths], &[ParamPaths]) = if documents {
             (&DOC_TOKENS, &DOC_REFERENCES)
         } else {
             (&LIST_TOKENS, &LIST_REFERENCES)
@@ -326,22 +332,28 @@ impl Criteria {
                 for p in paths.iter() {
                     if *p == "/relatesTo" {
                         if let Some(rels) = resource.get("relatesTo").and_then(Value::as_array) {
-                            have.extend(rels.iter().map(|r| (None, r.get("code").and_then(Value::as_str))));
+                            have.extend(
+                                rels.iter()
+                                    .map(|r| (None, r.get("code").and_then(Value::as_str))),
+                            );
                         }
                     } else {
                         codings(resource.pointer(p), &mut have);
                     }
                 }
-                tokens.iter().any(|t| have.iter().any(|(s, c)| t.matches(*s, *c)))
+                tokens
+                    .iter()
+                    .any(|t| have.iter().any(|(s, c)| t.matches(*s, *c)))
             }
             Filter::Reference(paths, wanted) => {
                 let mut have = Vec::new();
                 for p in paths.iter() {
                     references(resource.pointer(p), &mut have);
                 }
-                wanted
-                    .iter()
-                    .any(|w| have.iter().any(|h| reference_matches(w, h, &self.fhir_base)))
+                wanted.iter().any(|w| {
+                    have.iter()
+                        .any(|h| reference_matches(w, h, &self.fhir_base))
+                })
             }
         })
     }
@@ -352,7 +364,8 @@ impl Criteria {
             .into_iter()
             .filter_map(|row| {
                 let r: Value = serde_json::from_str(&row.resource).ok()?;
-                self.matches(&r, &row.status, row.doc_date).then_some((row, r))
+                self.matches(&r, &row.status, row.doc_date)
+                    .then_some((row, r))
             })
             .collect();
         out.sort_by_key(|(r, _)| (r.doc_date, r.id));
@@ -390,7 +403,9 @@ mod tests {
         assert!(date_range("2026-13-01").is_none());
         assert!(date_range("yesterday").is_none());
         let ge = DateParam::parse("date", "ge2026-02-01").ok();
-        let t = date_range("2026-02-01T10:00:00Z").map(|r| r.0).unwrap_or_default();
+        let t = date_range("2026-02-01T10:00:00Z")
+            .map(|r| r.0)
+            .unwrap_or_default();
         assert!(ge.is_some_and(|p| p.matches(t, t + 1)));
         let lt = DateParam::parse("date", "lt2026-02-01").ok();
         assert!(lt.is_some_and(|p| !p.matches(t, t + 1)));
@@ -401,7 +416,10 @@ mod tests {
         let r = json!({ "category": [{ "coding": [{ "system": "http://loinc.org", "code": "11369-6" }] }],
                         "securityLabel": [{ "coding": [{ "system": "s", "code": "N" }] }] });
         let c = |q: &[(&str, &str)]| {
-            let pairs: Vec<(String, String)> = q.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+            let pairs: Vec<(String, String)> = q
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
             Criteria::parse(&pairs, true, "https://x/fhir").map(|c| c.matches(&r, "current", None))
         };
         assert!(c(&[("category", "http://loinc.org|11369-6")]).unwrap_or(false));

@@ -347,3 +347,152 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// A simulated member EHR (`hie member-sim`) serving documents from its own data directory.
+pub struct MemberSim {
+    pub org: String,
+    pub base: String,
+    pub data: tempfile::TempDir,
+    child: Child,
+}
+
+impl MemberSim {
+    /// Writes a document into the member's repository; returns its URL, size and SHA-1 (base64).
+    pub fn put_document(&self, name: &str, bytes: &[u8]) -> (String, usize, String) {
+        let dir = self.data.path().join("documents");
+        std::fs::create_dir_all(&dir).expect("documents dir");
+        std::fs::write(dir.join(name), bytes).expect("write document");
+        let hash = openssl::base64::encode_block(&openssl::sha::sha1(bytes));
+        (format!("{}/Binary/{name}", self.base), bytes.len(), hash)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for MemberSim {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Exchange {
+    /// Issues a client+server certificate for `id`, starts its member-sim, and enrolls the
+    /// organisation with the sim's FHIR base and its own identifier system.
+    pub fn enroll_with_repository(
+        &self,
+        id: &str,
+        org_type: &str,
+        system: &str,
+        delay_ms: u64,
+    ) -> (MemberCreds, MemberSim) {
+        self.hie_ok(&["certs", "issue", "--org", id, "--server-name", "localhost"]);
+        let data = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(data.path().join("documents")).expect("documents dir");
+        let mut child = Command::new(HIE)
+            .args([
+                "--config",
+                &self.config_path.to_string_lossy(),
+                "member-sim",
+            ])
+            .args(["--org", id, "--data", &data.path().to_string_lossy()])
+            .args(["--delay-ms", &delay_ms.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn member-sim");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(rest) = line.split("listening on https://").nth(1) {
+                        break rest.split('/').next().unwrap_or_default().to_string();
+                    }
+                }
+                _ => panic!("member-sim for {id} did not start"),
+            }
+        };
+        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        let port = addr.rsplit(':').next().unwrap_or_default().to_string();
+        let base = format!("https://localhost:{port}/fhir");
+        let creds = self.creds(id);
+        let cert = creds.cert.to_string_lossy().into_owned();
+        self.hie_ok(&[
+            "org",
+            "add",
+            "--id",
+            id,
+            "--name",
+            id,
+            "--type",
+            org_type,
+            "--cert",
+            &cert,
+            "--identifier-system",
+            system,
+            "--fhir-base",
+            &base,
+        ]);
+        (
+            creds,
+            MemberSim {
+                org: id.into(),
+                base,
+                data,
+                child,
+            },
+        )
+    }
+}
+
+/// The official FHIR R4 JSON schema (../shared/data/fhir-r4-schema, or HIE_FHIR_SCHEMA), compiled
+/// once. None when it is not available: said loudly, and CI (HIE_TEST_REQUIRE_FHIR_SCHEMA=1) fails.
+pub fn fhir_schema() -> Option<&'static jsonschema::Validator> {
+    static SCHEMA: std::sync::OnceLock<Option<jsonschema::Validator>> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let path = std::env::var("HIE_FHIR_SCHEMA")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../shared/data/fhir-r4-schema/fhir.schema.json")
+                });
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                assert!(
+                    std::env::var("HIE_TEST_REQUIRE_FHIR_SCHEMA").as_deref() != Ok("1"),
+                    "HIE_TEST_REQUIRE_FHIR_SCHEMA=1 but {} cannot be read",
+                    path.display()
+                );
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "!!! FHIR schema validation SKIPPED: {} not found (set HIE_FHIR_SCHEMA)",
+                    path.display()
+                );
+                return None;
+            };
+            let schema: serde_json::Value = serde_json::from_str(&text).expect("schema is JSON");
+            Some(jsonschema::validator_for(&schema).expect("FHIR schema compiles"))
+        })
+        .as_ref()
+}
+
+/// Asserts that a resource the broker returned is valid FHIR R4 (by the official JSON schema).
+pub fn assert_valid_fhir(resource: &serde_json::Value) {
+    if let Some(v) = fhir_schema() {
+        let errors: Vec<String> = v
+            .iter_errors(resource)
+            .take(5)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "not valid FHIR R4: {errors:?}\n{}",
+            serde_json::to_string_pretty(resource).unwrap_or_default()
+        );
+    }
+}

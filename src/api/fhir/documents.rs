@@ -4,8 +4,8 @@
 
 use actix_web::body::SizedStream;
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web::web::Bytes;
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::Stream;
 use serde_json::{json, Value};
 use std::pin::Pin;
@@ -15,7 +15,7 @@ use super::{base, ok, searchset, self_url, Params};
 use crate::api::context::RequestContext;
 use crate::api::outcome::fhir;
 use crate::api::AppState;
-use crate::audit::{Action, Auditor, AuditRecord, Outcome};
+use crate::audit::{Action, AuditRecord, Auditor, Outcome};
 use crate::db::documents::{self as store, DocumentRow};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::OrgId;
@@ -40,7 +40,9 @@ pub async fn transaction(
         Ok(plan) => {
             state
                 .db
-                .write(move |c| registry::register(c, &plan, &org, &actor, crate::time::now_micros()))
+                .write(move |c| {
+                    registry::register(c, &plan, &org, &actor, crate::time::now_micros())
+                })
                 .await
         }
         Err(e) => Err(e),
@@ -126,7 +128,10 @@ fn search_request(query: &str, allowed: &[&str], documents: bool) -> Result<Sear
         .one("patient.identifier")?
         .map(|raw| match raw.split_once('|') {
             Some((s, v)) if !s.is_empty() && !v.is_empty() => Ok((s.to_string(), v.to_string())),
-            _ => Err(Error::invalid("patient.identifier must be system|value").at("patient.identifier")),
+            _ => {
+                Err(Error::invalid("patient.identifier must be system|value")
+                    .at("patient.identifier"))
+            }
         })
         .transpose()?;
     let patient = params.one("patient")?.map(str::to_string);
@@ -161,7 +166,13 @@ fn search_request(query: &str, allowed: &[&str], documents: bool) -> Result<Sear
     })
 }
 
-fn next_link(base_path: &str, query: &str, offset: i64, count: i64, total: usize) -> Option<String> {
+fn next_link(
+    base_path: &str,
+    query: &str,
+    offset: i64,
+    count: i64,
+    total: usize,
+) -> Option<String> {
     ((offset + count) < total as i64).then(|| {
         let q: Vec<&str> = query
             .split('&')
@@ -185,7 +196,13 @@ async fn find_documents(
     let (eid, rows) = state
         .db
         .run(move |c| {
-            let eid = person_of(c, &settings, sr.patient.as_deref(), sr.identifier.as_ref(), &fb)?;
+            let eid = person_of(
+                c,
+                &settings,
+                sr.patient.as_deref(),
+                sr.identifier.as_ref(),
+                &fb,
+            )?;
             let rows = match (eid, &sr.master_id) {
                 (Some(eid), _) => {
                     let sources = store::sources_of_identity(c, eid)?;
@@ -215,12 +232,7 @@ async fn find_documents(
                 let sid = row.source_id;
                 state
                     .db
-                    .run(move |c| {
-                        crate::db::mpi::get_source(c, sid)?
-                            .map(|s| mpi::current_identity(c, s.enterprise_id))
-                            .transpose()
-                            .map(Option::flatten)
-                    })
+                    .run(move |c| registry::person_of_source(c, sid))
                     .await?
             }
             None => None,
@@ -228,7 +240,10 @@ async fn find_documents(
     };
     let mut audit = record(&ctx, Action::Execute, "ITI-67", "DocumentReference".into())
         .query(query.clone())
-        .outcome(Outcome::Success, format!("{} of {total} documents disclosed", page.len()));
+        .outcome(
+            Outcome::Success,
+            format!("{} of {total} documents disclosed", page.len()),
+        );
     if let Some(eid) = eid {
         audit = audit.patient(format!("Patient/{}", person_ref(eid)));
     }
@@ -242,12 +257,27 @@ async fn find_documents(
             )
         })
         .collect();
-    let next = next_link(&format!("{fhir_base}/DocumentReference"), &query, sr.offset, sr.count, total);
-    Ok(ok(&searchset(&self_url(&state, &req), Some(total), entries, next)))
+    let next = next_link(
+        &format!("{fhir_base}/DocumentReference"),
+        &query,
+        sr.offset,
+        sr.count,
+        total,
+    );
+    Ok(ok(&searchset(
+        &self_url(&state, &req),
+        Some(total),
+        entries,
+        next,
+    )))
 }
 
 /// GET /fhir/DocumentReference (ITI-67).
-pub async fn search(ctx: RequestContext, state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse> {
+pub async fn search(
+    ctx: RequestContext,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse> {
     let query = req.query_string().to_string();
     find_documents(ctx, state, req, query).await
 }
@@ -260,7 +290,9 @@ pub async fn search_post(
     body: web::Bytes,
 ) -> Result<HttpResponse> {
     let form = std::str::from_utf8(&body)
-        .map_err(|_| Error::invalid("the search body must be application/x-www-form-urlencoded text"))?
+        .map_err(|_| {
+            Error::invalid("the search body must be application/x-www-form-urlencoded text")
+        })?
         .trim();
     let query = [req.query_string(), form]
         .iter()
@@ -286,15 +318,22 @@ pub async fn read(
             let Some(row) = store::get_document(c, id)? else {
                 return Ok((None, None));
             };
-            let eid = crate::db::mpi::get_source(c, row.source_id)?
-                .map(|s| mpi::current_identity(c, s.enterprise_id))
-                .transpose()?
-                .flatten();
+            let eid = registry::person_of_source(c, row.source_id)?;
             Ok((Some(row), eid))
         })
         .await?;
-    let row = row.ok_or_else(|| Error::not_found(format!("DocumentReference/{} is not registered", doc_ref(id))))?;
-    let mut audit = record(&ctx, Action::Read, "read", format!("DocumentReference/{}", doc_ref(id)));
+    let row = row.ok_or_else(|| {
+        Error::not_found(format!(
+            "DocumentReference/{} is not registered",
+            doc_ref(id)
+        ))
+    })?;
+    let mut audit = record(
+        &ctx,
+        Action::Read,
+        "read",
+        format!("DocumentReference/{}", doc_ref(id)),
+    );
     if let Some(eid) = eid {
         audit = audit.patient(format!("Patient/{}", person_ref(eid)));
     }
@@ -303,7 +342,11 @@ pub async fn read(
 }
 
 /// GET /fhir/List (ITI-66: SubmissionSets and Folders).
-pub async fn search_lists(ctx: RequestContext, state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse> {
+pub async fn search_lists(
+    ctx: RequestContext,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse> {
     let query = req.query_string().to_string();
     let sr = search_request(&query, &registry::search::LIST_PARAMS, false)?;
     let fhir_base = base(&state, &req);
@@ -313,7 +356,13 @@ pub async fn search_lists(ctx: RequestContext, state: web::Data<AppState>, req: 
     let (eid, rows) = state
         .db
         .run(move |c| {
-            let eid = person_of(c, &settings, sr.patient.as_deref(), sr.identifier.as_ref(), &fb)?;
+            let eid = person_of(
+                c,
+                &settings,
+                sr.patient.as_deref(),
+                sr.identifier.as_ref(),
+                &fb,
+            )?;
             let rows = match eid {
                 Some(eid) => {
                     let sources = store::sources_of_identity(c, eid)?;
@@ -333,7 +382,10 @@ pub async fn search_lists(ctx: RequestContext, state: web::Data<AppState>, req: 
         .collect();
     let mut audit = record(&ctx, Action::Execute, "ITI-66", "List".into())
         .query(query.clone())
-        .outcome(Outcome::Success, format!("{} of {total} lists disclosed", page.len()));
+        .outcome(
+            Outcome::Success,
+            format!("{} of {total} lists disclosed", page.len()),
+        );
     if let Some(eid) = eid {
         audit = audit.patient(format!("Patient/{}", person_ref(eid)));
     }
@@ -347,8 +399,19 @@ pub async fn search_lists(ctx: RequestContext, state: web::Data<AppState>, req: 
             )
         })
         .collect();
-    let next = next_link(&format!("{fhir_base}/List"), &query, sr.offset, sr.count, total);
-    Ok(ok(&searchset(&self_url(&state, &req), Some(total), entries, next)))
+    let next = next_link(
+        &format!("{fhir_base}/List"),
+        &query,
+        sr.offset,
+        sr.count,
+        total,
+    );
+    Ok(ok(&searchset(
+        &self_url(&state, &req),
+        Some(total),
+        entries,
+        next,
+    )))
 }
 
 /// GET /fhir/List/{id}
@@ -357,22 +420,26 @@ pub async fn read_list(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse> {
-    let id = parse_list_ref(&path).ok_or_else(|| Error::not_found(format!("List/{path} is not registered")))?;
+    let id = parse_list_ref(&path)
+        .ok_or_else(|| Error::not_found(format!("List/{path} is not registered")))?;
     let row = state
         .db
         .run(move |c| {
             let Some(row) = crate::db::documents::list_by_id(c, id)? else {
                 return Ok(None);
             };
-            let eid = crate::db::mpi::get_source(c, row.source_id)?
-                .map(|s| mpi::current_identity(c, s.enterprise_id))
-                .transpose()?
-                .flatten();
+            let eid = registry::person_of_source(c, row.source_id)?;
             Ok(Some((row, eid)))
         })
         .await?;
-    let (row, eid) = row.ok_or_else(|| Error::not_found(format!("List/{path} is not registered")))?;
-    let mut audit = record(&ctx, Action::Read, "read", format!("List/{}", registry::list_ref(id)));
+    let (row, eid) =
+        row.ok_or_else(|| Error::not_found(format!("List/{path} is not registered")))?;
+    let mut audit = record(
+        &ctx,
+        Action::Read,
+        "read",
+        format!("List/{}", registry::list_ref(id)),
+    );
     if let Some(eid) = eid {
         audit = audit.patient(format!("Patient/{}", person_ref(eid)));
     }
@@ -386,7 +453,8 @@ pub async fn retrieve(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse> {
-    let id = parse_doc_ref(&path).ok_or_else(|| Error::not_found(format!("Binary/{path} is not a registered document")))?;
+    let id = parse_doc_ref(&path)
+        .ok_or_else(|| Error::not_found(format!("Binary/{path} is not a registered document")))?;
     let entity = format!("DocumentReference/{}", doc_ref(id));
     let found = state
         .db
@@ -394,26 +462,28 @@ pub async fn retrieve(
             let Some(row) = store::get_document(c, id)? else {
                 return Ok(None);
             };
-            let eid = crate::db::mpi::get_source(c, row.source_id)?
-                .map(|s| mpi::current_identity(c, s.enterprise_id))
-                .transpose()?
-                .flatten();
+            let eid = registry::person_of_source(c, row.source_id)?;
             let holder = crate::orgs::get(c, &OrgId::parse(&row.org_id)?)?;
             Ok(Some((row, eid, holder)))
         })
         .await?;
     let Some((row, eid, holder)) = found else {
-        return Err(Error::not_found(format!("Binary/{path} is not a registered document")));
+        return Err(Error::not_found(format!(
+            "Binary/{path} is not a registered document"
+        )));
     };
     let audit_base = {
-        let mut r = record(&ctx, Action::Read, "ITI-68", entity.clone()).query(format!("member={}", row.org_id));
+        let mut r = record(&ctx, Action::Read, "ITI-68", entity.clone())
+            .query(format!("member={}", row.org_id));
         if let Some(eid) = eid {
             r = r.patient(format!("Patient/{}", person_ref(eid)));
         }
         r
     };
     let fail = |e: Error| {
-        let r = audit_base.clone().outcome(Outcome::MinorFailure, e.message.clone());
+        let r = audit_base
+            .clone()
+            .outcome(Outcome::MinorFailure, e.message.clone());
         let auditor = state.auditor.clone();
         async move {
             if let Err(a) = auditor.record(r).await {
@@ -435,11 +505,18 @@ pub async fn retrieve(
     if !holder.as_ref().is_some_and(|h| h.is_active()) {
         return Err(fail(Error::new(
             ErrorKind::BadGateway,
-            format!("member '{}' that holds {entity} is not an active member of the exchange", row.org_id),
+            format!(
+                "member '{}' that holds {entity} is not an active member of the exchange",
+                row.org_id
+            ),
         ))
         .await);
     }
-    let response = match state.outbound.get(&row.org_id, &row.url, &row.content_type).await {
+    let response = match state
+        .outbound
+        .get(&row.org_id, &row.url, &row.content_type)
+        .await
+    {
         Ok(r) => r,
         Err(e) => return Err(fail(e).await),
     };
@@ -470,7 +547,10 @@ pub async fn retrieve(
     // Disclosed from here on: on the record before the first byte leaves.
     state
         .auditor
-        .record(audit_base.clone().outcome(Outcome::Success, format!("{} bytes from member '{}'", row.size, row.org_id)))
+        .record(audit_base.clone().outcome(
+            Outcome::Success,
+            format!("{} bytes from member '{}'", row.size, row.org_id),
+        ))
         .await?;
     let auditor = state.auditor.clone();
     let on_failure = Box::new(move |why: String| {
@@ -557,7 +637,10 @@ impl Stream for Verified {
                     }
                     this.seen += chunk.len() as u64;
                     if this.seen > this.expected_size {
-                        let why = format!("the member sent more than the {} registered bytes", this.expected_size);
+                        let why = format!(
+                            "the member sent more than the {} registered bytes",
+                            this.expected_size
+                        );
                         return this.fail(why);
                     }
                     this.hasher.update(&chunk);
@@ -566,7 +649,10 @@ impl Stream for Verified {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let why = format!("the transfer from the member failed: {}", crate::outbound::describe(&e));
+                    let why = format!(
+                        "the transfer from the member failed: {}",
+                        crate::outbound::describe(&e)
+                    );
                     return this.fail(why);
                 }
                 Poll::Ready(None) => {
@@ -579,7 +665,8 @@ impl Stream for Verified {
                     }
                     let hasher = std::mem::replace(&mut this.hasher, openssl::sha::Sha1::new());
                     if hasher.finish().as_slice() != this.expected_hash.as_slice() {
-                        return this.fail("the document's SHA-1 differs from the registered hash".into());
+                        return this
+                            .fail("the document's SHA-1 differs from the registered hash".into());
                     }
                     this.done = true;
                     return Poll::Ready(this.held.take().map(Ok));

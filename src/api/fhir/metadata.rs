@@ -21,7 +21,10 @@ pub async fn capability_statement(_member: Member, state: web::Data<AppState>) -
         "format": ["application/fhir+json", "json"],
         "rest": [{
             "mode": "server",
-            "interaction": [{ "code": "batch", "documentation": "Bundles of Patient feeds (PUT Patient?identifier=…)" }],
+            "interaction": [
+                { "code": "batch", "documentation": "Bundles of Patient feeds (PUT Patient?identifier=…)" },
+                { "code": "transaction", "documentation": "MHD ITI-65 Provide Document Bundle: one SubmissionSet List plus DocumentReferences whose attachments stay in the member's repository (url under its registered FHIR base, size, SHA-1 hash); atomic" }
+            ],
             "documentation": "Every request needs a client certificate issued by the exchange CA and registered to an active member organisation, and (except for this statement) an X-Purpose-Of-Use header with an HL7 PurposeOfUse code; X-User-Id and X-User-Role name the person behind the request.",
             "security": {
                 "cors": false,
@@ -72,6 +75,51 @@ pub async fn capability_statement(_member: Member, state: web::Data<AppState>) -
                         param("organization", "reference", "managing organisation"),
                         param("status", "token", "active or suspended")
                     ]
+                },
+                {
+                    "type": "DocumentReference",
+                    "documentation": "MHD document registry (ITI-67). Results from every member holding documents about the person; meta.source and custodian name the holder; attachment.url is the broker's ITI-68 retrieve URL (Binary/doc-N). GET and POST _search.",
+                    "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                    "searchParam": [
+                        param("patient", "reference", "Patient/ent-N or Patient/src-N"),
+                        param("patient.identifier", "token", "system|value of any identifier linked to the person"),
+                        param("status", "token", "current (default), superseded, entered-in-error"),
+                        param("category", "token", "document class"),
+                        param("type", "token", "document type"),
+                        param("date", "date", "DocumentReference.date; prefixes ge, gt, le, lt, eq, ne"),
+                        param("period", "date", "context.period"),
+                        param("setting", "token", "context.practiceSetting"),
+                        param("event", "token", "context.event"),
+                        param("facility", "token", "context.facilityType"),
+                        param("format", "token", "content.format"),
+                        param("security-label", "token", "securityLabel (confidentiality and sensitivity)"),
+                        param("author", "reference", "author reference"),
+                        param("identifier", "token", "masterIdentifier or identifier"),
+                        param("related", "reference", "context.related"),
+                        param("relatesto", "reference", "relatesTo.target"),
+                        param("relation", "token", "relatesTo.code: replaces, transforms, signs, appends"),
+                        param("_sort", "string", "-date (default) or date"),
+                        param("_offset", "number", "paging offset (see the next link)")
+                    ]
+                },
+                {
+                    "type": "List",
+                    "documentation": "MHD SubmissionSets and Folders (ITI-66).",
+                    "interaction": [{ "code": "read" }, { "code": "search-type" }],
+                    "searchParam": [
+                        param("patient", "reference", "Patient/ent-N or Patient/src-N"),
+                        param("patient.identifier", "token", "system|value of any identifier linked to the person"),
+                        param("code", "token", "submissionset or folder"),
+                        param("status", "token", "current (default)"),
+                        param("date", "date", "List.date"),
+                        param("identifier", "token", "uniqueId"),
+                        param("source", "reference", "List.source")
+                    ]
+                },
+                {
+                    "type": "Binary",
+                    "documentation": "MHD ITI-68 retrieve: GET Binary/doc-N streams the document from the member that holds it, over mutual TLS with the broker's certificate; size and SHA-1 are checked against the registry and a transfer that differs is cut. 404 unknown, 410 superseded or entered-in-error, 502 member unreachable or answering badly, 504 member too slow.",
+                    "interaction": [{ "code": "read" }]
                 },
                 {
                     "type": "AuditEvent",
