@@ -55,7 +55,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn submission(patient: usize, base: &str) -> Value {
-    let subject = json!({ "identifier": { "system": "urn:bench:h", "value": format!("P{patient}") } });
+    let subject =
+        json!({ "identifier": { "system": "urn:bench:h", "value": format!("P{patient}") } });
     let mut entries = vec![json!({
         "fullUrl": "urn:uuid:set",
         "resource": {
@@ -120,15 +121,30 @@ fn main() {
     .expect("config");
     let ca = Authority::load(&certs).expect("ca");
     let base = "https://localhost:1/fhir";
-    for (org, system) in [("bench-hospital", "urn:bench:h"), ("bench-clinic", "urn:bench:c")] {
+    for (org, system) in [
+        ("bench-hospital", "urn:bench:h"),
+        ("bench-clinic", "urn:bench:c"),
+    ] {
         ca.issue_member(&OrgId::parse(org).expect("id"), Validity::days(30), &[], "")
             .expect("issue");
         let cert = certs.join("orgs").join(org).join("client.crt");
         hie(
             &config,
             &[
-                "org", "add", "--id", org, "--name", org, "--type", "hospital", "--cert",
-                &cert.to_string_lossy(), "--identifier-system", system, "--fhir-base", base,
+                "org",
+                "add",
+                "--id",
+                org,
+                "--name",
+                org,
+                "--type",
+                "hospital",
+                "--cert",
+                &cert.to_string_lossy(),
+                "--identifier-system",
+                system,
+                "--fhir-base",
+                base,
             ],
         );
     }
@@ -142,7 +158,9 @@ fn main() {
     let mut conn = db.get().expect("conn");
     let started = Instant::now();
     for chunk in (1..=patients).collect::<Vec<_>>().chunks(10_000) {
-        let mut ids = String::from("INSERT INTO identities (id, status, golden, created_at, updated_at) VALUES ");
+        let mut ids = String::from(
+            "INSERT INTO identities (id, status, golden, created_at, updated_at) VALUES ",
+        );
         let mut recs = String::from(
             "INSERT INTO source_records (id, org_id, system, value, enterprise_id, status, link_kind, version, resource, demographics, created_at, updated_at) VALUES ",
         );
@@ -153,7 +171,8 @@ fn main() {
                 "{sep}({p}, 'bench-hospital', 'urn:bench:h', 'P{p}', {p}, 'active', 'new', 1, '{{}}', '{{}}', 0, 0)"
             ));
         }
-        conn.batch_execute(&format!("{ids}; {recs};")).expect("patients");
+        conn.batch_execute(&format!("{ids}; {recs};"))
+            .expect("patients");
     }
     println!(
         "{patients} patients written in {:.0} s",
@@ -172,14 +191,23 @@ fn main() {
         db::write_tx(&mut conn, |c| {
             for p in chunk {
                 let plan = hie_broker::registry::plan(&submission(*p, base), &org, base)?;
-                hie_broker::registry::register(c, &plan, &org, &actor, hie_broker::time::now_micros())?;
+                hie_broker::registry::register(
+                    c,
+                    &plan,
+                    &org,
+                    &actor,
+                    hie_broker::time::now_micros(),
+                )?;
             }
             Ok(())
         })
         .expect("register");
         done += chunk.len() * DOCS_PER_PATIENT;
         if done % 100_000 == 0 {
-            println!("  {done} documents, {:.0} documents/s", done as f64 / started.elapsed().as_secs_f64());
+            println!(
+                "  {done} documents, {:.0} documents/s",
+                done as f64 / started.elapsed().as_secs_f64()
+            );
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -273,10 +301,19 @@ fn main() {
     });
     println!(
         "machine: {} cores, {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
             .unwrap_or_default()
     );
 }

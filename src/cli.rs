@@ -75,6 +75,9 @@ pub enum Command {
         /// Answer every request this many milliseconds late (a slow member).
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
+        /// Misbehave on purpose: `invalid-json` answers searches with a body that is not JSON.
+        #[arg(long, value_parser = ["invalid-json"])]
+        fault: Option<String>,
     },
 }
 
@@ -273,6 +276,7 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
             cert,
             key,
             delay_ms,
+            fault,
         } => {
             let (default_cert, default_key) = crate::member::default_paths(&config.certs.dir, &org);
             let options = crate::member::SimOptions {
@@ -284,6 +288,7 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
                 ca: config.certs.dir.join(certs::CA_CERT),
                 crl: config.certs.dir.join(certs::CRL),
                 delay: std::time::Duration::from_millis(delay_ms),
+                fault,
             };
             let system = actix_web::rt::System::new();
             system.block_on(crate::member::run(options))?;

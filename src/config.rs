@@ -23,6 +23,7 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub mpi: MpiConfig,
     pub members: MembersConfig,
+    pub federation: FederationConfig,
     pub log: LogConfig,
 }
 
@@ -112,6 +113,18 @@ pub struct MembersConfig {
     pub timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub max_connections_per_member: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    pub deadline_ms: u64,
+    pub emergency_deadline_ms: u64,
+    pub max_concurrent_per_member: usize,
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+    pub max_response_bytes: usize,
+    pub max_resources_per_member: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -217,6 +230,18 @@ impl Config {
         if self.members.timeout_ms == 0 || self.members.idle_timeout_ms == 0 {
             return Err(Error::config(
                 "config keys 'members.timeout_ms' and 'members.idle_timeout_ms' must be greater than 0",
+            ));
+        }
+        let f = &self.federation;
+        if f.deadline_ms == 0
+            || f.emergency_deadline_ms == 0
+            || f.max_concurrent_per_member == 0
+            || f.breaker_failures == 0
+            || f.max_response_bytes == 0
+            || f.max_resources_per_member == 0
+        {
+            return Err(Error::config(
+                "config keys in [federation] must be greater than 0",
             ));
         }
         if self.mpi.max_candidates < 1 {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod federation;
 pub mod ids;
 pub mod member;
 pub mod metrics;

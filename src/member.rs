@@ -3,10 +3,14 @@
 //! and serves the member's own documents from a data directory:
 //!
 //! ```text
-//! DIR/documents/NAME   ->  GET {base}/Binary/NAME   (bytes; type from the file extension)
+//! DIR/documents/NAME      ->  GET {base}/Binary/NAME   (bytes; type from the file extension)
+//! DIR/patients.ndjson     ->  GET {base}/Patient?identifier=SYSTEM|VALUE
+//! DIR/resources.ndjson    ->  GET {base}/{Type}?patient.identifier=SYSTEM|VALUE[&_count=N]
 //! ```
 //!
-//! `--delay-ms` makes every answer late, to play a slow member.
+//! A resource belongs to the patient named by the identifier in its `subject` or `patient`.
+//! `--delay-ms` makes every answer late (a slow member); `--fault invalid-json` answers searches
+//! with a body that is not JSON (a broken member).
 
 use actix_tls::accept::rustls_0_23::TlsStream;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
@@ -30,10 +34,13 @@ pub struct SimOptions {
     pub ca: PathBuf,
     pub crl: PathBuf,
     pub delay: Duration,
+    pub fault: Option<String>,
 }
 
 struct SimState {
     options: SimOptions,
+    /// (type, system|value) -> resources.
+    resources: HashMap<(String, String), Vec<serde_json::Value>>,
     /// Documents read once and kept: a member's repository answers from its own storage.
     cache: Mutex<HashMap<String, web::Bytes>>,
 }
@@ -104,6 +111,112 @@ async fn binary(
         .body(bytes)
 }
 
+fn load_ndjson(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::config(format!(
+                "cannot read {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::config(format!("{} line {}: {e}", path.display(), i + 1)))
+        })
+        .collect()
+}
+
+/// The identifiers (`system|value`) a resource is about.
+fn owners(r: &serde_json::Value) -> Vec<String> {
+    if r["resourceType"] == "Patient" {
+        return r["identifier"]
+            .as_array()
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|i| {
+                        Some(format!(
+                            "{}|{}",
+                            i["system"].as_str()?,
+                            i["value"].as_str()?
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+    }
+    ["subject", "patient"]
+        .iter()
+        .filter_map(|k| {
+            let i = &r[*k]["identifier"];
+            Some(format!(
+                "{}|{}",
+                i["system"].as_str()?,
+                i["value"].as_str()?
+            ))
+        })
+        .collect()
+}
+
+async fn search(
+    state: web::Data<SimState>,
+    req: HttpRequest,
+    kind: web::Path<String>,
+) -> HttpResponse {
+    if !state.options.delay.is_zero() {
+        tokio::time::sleep(state.options.delay).await;
+    }
+    if req.conn_data::<PeerCert>().is_none() {
+        return outcome(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "client certificate required",
+        );
+    }
+    if state.options.fault.as_deref() == Some("invalid-json") {
+        return HttpResponse::Ok()
+            .content_type(crate::api::outcome::FHIR_JSON)
+            .body("<html>502 upstream EHR error</html>{");
+    }
+    let params = web::Query::<Vec<(String, String)>>::from_query(req.query_string())
+        .map(|q| q.into_inner())
+        .unwrap_or_default();
+    let wanted = params
+        .iter()
+        .find(|(k, _)| k == "patient.identifier" || k == "identifier" || k == "patient:identifier")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let count = params
+        .iter()
+        .find(|(k, _)| k == "_count")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(1000);
+    let kind = kind.into_inner();
+    let found: Vec<&serde_json::Value> = state
+        .resources
+        .get(&(kind.clone(), wanted))
+        .map(|v| v.iter().take(count).collect())
+        .unwrap_or_default();
+    let base = format!("https://{}/fhir", req.connection_info().host());
+    let bundle = serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": found.len(),
+        "entry": found.iter().map(|r| serde_json::json!({
+            "fullUrl": format!("{base}/{kind}/{}", r["id"].as_str().unwrap_or_default()),
+            "resource": r,
+            "search": { "mode": "match" }
+        })).collect::<Vec<_>>()
+    });
+    HttpResponse::Ok()
+        .content_type(crate::api::outcome::FHIR_JSON)
+        .body(bundle.to_string())
+}
+
 async fn metadata(state: web::Data<SimState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type(crate::api::outcome::FHIR_JSON)
@@ -125,7 +238,23 @@ async fn metadata(state: web::Data<SimState>) -> HttpResponse {
 pub async fn run(options: SimOptions) -> Result<()> {
     let trust = ClientTrust::load(&options.ca, &options.crl, Metrics::new())?;
     let tls = trust.server_config(&options.cert, &options.key)?;
+    let mut resources: HashMap<(String, String), Vec<serde_json::Value>> = HashMap::new();
+    let mut loaded = 0;
+    for file in ["patients.ndjson", "resources.ndjson"] {
+        for r in load_ndjson(&options.data.join(file))? {
+            let kind = r["resourceType"].as_str().unwrap_or_default().to_string();
+            for owner in owners(&r) {
+                resources
+                    .entry((kind.clone(), owner))
+                    .or_default()
+                    .push(r.clone());
+            }
+            loaded += 1;
+        }
+    }
+    tracing::info!(resources = loaded, "member-sim data loaded");
     let state = web::Data::new(SimState {
+        resources,
         options: options.clone(),
         cache: Mutex::new(HashMap::new()),
     });
@@ -134,6 +263,7 @@ pub async fn run(options: SimOptions) -> Result<()> {
             .app_data(state.clone())
             .route("/fhir/metadata", web::get().to(metadata))
             .route("/fhir/Binary/{name}", web::get().to(binary))
+            .route("/fhir/{kind}", web::get().to(search))
     })
     .on_connect(|conn, ext| {
         if let Some(tls) = conn.downcast_ref::<TlsStream<TcpStream>>() {

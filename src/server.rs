@@ -93,6 +93,10 @@ pub async fn serve(config: Config) -> Result<()> {
         identities: IdentityCache::new(Duration::from_millis(config.server.identity_cache_ms)),
         metrics,
         mpi,
+        federation: Arc::new(crate::federation::Federation::new(
+            config.federation.clone(),
+            outbound.clone(),
+        )),
         outbound,
     });
 

@@ -709,6 +709,146 @@ pub fn to_patient(p: &Person, system: &str, mrn: &str) -> Value {
     r
 }
 
+/// What kind of records a simulated member keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// Encounters, conditions, allergies, medications, immunizations.
+    Hospital,
+    /// Laboratory results.
+    Lab,
+    /// Emergency encounters and vital signs.
+    Emergency,
+}
+
+const CONDITIONS: [(&str, &str); 5] = [
+    ("44054006", "Diabetes mellitus type 2"),
+    ("38341003", "Hypertensive disorder"),
+    ("195967001", "Asthma"),
+    ("13645005", "Chronic obstructive lung disease"),
+    ("35489007", "Depressive disorder"),
+];
+const ALLERGIES: [(&str, &str); 3] = [
+    ("91936005", "Allergy to penicillin"),
+    ("91935009", "Allergy to peanuts"),
+    ("294505008", "Allergy to amoxicillin"),
+];
+const MEDICATIONS: [(&str, &str); 4] = [
+    ("860975", "metformin 500 MG Oral Tablet"),
+    ("314076", "lisinopril 10 MG Oral Tablet"),
+    ("895994", "albuterol 0.09 MG/ACTUAT Inhaler"),
+    ("197361", "amlodipine 5 MG Oral Tablet"),
+];
+const LABS: [(&str, &str, &str, f64, f64); 4] = [
+    (
+        "2345-7",
+        "Glucose [Mass/volume] in Serum or Plasma",
+        "mg/dL",
+        70.0,
+        180.0,
+    ),
+    (
+        "718-7",
+        "Hemoglobin [Mass/volume] in Blood",
+        "g/dL",
+        10.0,
+        17.0,
+    ),
+    (
+        "2160-0",
+        "Creatinine [Mass/volume] in Serum or Plasma",
+        "mg/dL",
+        0.6,
+        1.6,
+    ),
+    (
+        "4548-4",
+        "Hemoglobin A1c/Hemoglobin.total in Blood",
+        "%",
+        4.8,
+        9.5,
+    ),
+];
+
+impl Generator {
+    /// Synthetic clinical records a member of `kind` holds about its patient `system|mrn`:
+    /// valid FHIR R4 resources whose `subject`/`patient` carries that identifier.
+    pub fn records(
+        &mut self,
+        kind: RecordKind,
+        system: &str,
+        mrn: &str,
+        prefix: &str,
+    ) -> Vec<Value> {
+        let subject = json!({ "reference": format!("Patient/{mrn}"), "identifier": { "system": system, "value": mrn } });
+        let mut out = Vec::new();
+        let mut n = 0;
+        let id = |n: &mut u32| {
+            *n += 1;
+            format!("{prefix}-{mrn}-{n}")
+        };
+        let r = &mut self.rng;
+        let day = |r: &mut Rng| {
+            format!(
+                "2026-{:02}-{:02}T{:02}:{:02}:00Z",
+                1 + r.u32(..10),
+                1 + r.u32(..28),
+                7 + r.u32(..12),
+                r.u32(..60)
+            )
+        };
+        let coded = |system: &str, code: &str, display: &str| json!({ "coding": [{ "system": system, "code": code, "display": display }], "text": display });
+        let snomed = "http://snomed.info/sct";
+        match kind {
+            RecordKind::Hospital => {
+                let when = day(r);
+                out.push(json!({ "resourceType": "Encounter", "id": id(&mut n), "status": "finished",
+                    "class": { "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP", "display": "inpatient encounter" },
+                    "subject": subject, "period": { "start": when, "end": when } }));
+                let (code, text) = CONDITIONS[r.usize(..CONDITIONS.len())];
+                out.push(json!({ "resourceType": "Condition", "id": id(&mut n),
+                    "clinicalStatus": coded("http://terminology.hl7.org/CodeSystem/condition-clinical", "active", "Active"),
+                    "verificationStatus": coded("http://terminology.hl7.org/CodeSystem/condition-ver-status", "confirmed", "Confirmed"),
+                    "code": coded(snomed, code, text), "subject": subject, "recordedDate": day(r) }));
+                if r.u8(..3) > 0 {
+                    let (code, text) = ALLERGIES[r.usize(..ALLERGIES.len())];
+                    out.push(json!({ "resourceType": "AllergyIntolerance", "id": id(&mut n),
+                        "clinicalStatus": coded("http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical", "active", "Active"),
+                        "verificationStatus": coded("http://terminology.hl7.org/CodeSystem/allergyintolerance-verification", "confirmed", "Confirmed"),
+                        "criticality": "high", "code": coded(snomed, code, text), "patient": subject, "recordedDate": day(r) }));
+                }
+                let (code, text) = MEDICATIONS[r.usize(..MEDICATIONS.len())];
+                out.push(json!({ "resourceType": "MedicationStatement", "id": id(&mut n), "status": "active",
+                    "medicationCodeableConcept": coded("http://www.nlm.nih.gov/research/umls/rxnorm", code, text),
+                    "subject": subject, "effectiveDateTime": day(r) }));
+                out.push(json!({ "resourceType": "Immunization", "id": id(&mut n), "status": "completed",
+                    "vaccineCode": coded("http://hl7.org/fhir/sid/cvx", "140", "Influenza, seasonal, injectable, preservative free"),
+                    "patient": subject, "occurrenceDateTime": day(r) }));
+            }
+            RecordKind::Lab => {
+                for _ in 0..2 + r.usize(..3) {
+                    let (code, text, unit, lo, hi) = LABS[r.usize(..LABS.len())];
+                    let value = ((lo + (hi - lo) * r.f64()) * 10.0).round() / 10.0;
+                    out.push(json!({ "resourceType": "Observation", "id": id(&mut n), "status": "final",
+                        "category": [coded("http://terminology.hl7.org/CodeSystem/observation-category", "laboratory", "Laboratory")],
+                        "code": coded("http://loinc.org", code, text), "subject": subject, "effectiveDateTime": day(r),
+                        "valueQuantity": { "value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit } }));
+                }
+            }
+            RecordKind::Emergency => {
+                let when = day(r);
+                out.push(json!({ "resourceType": "Encounter", "id": id(&mut n), "status": "finished",
+                    "class": { "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER", "display": "emergency" },
+                    "subject": subject, "period": { "start": when, "end": when } }));
+                out.push(json!({ "resourceType": "Observation", "id": id(&mut n), "status": "final",
+                    "category": [coded("http://terminology.hl7.org/CodeSystem/observation-category", "vital-signs", "Vital Signs")],
+                    "code": coded("http://loinc.org", "8867-4", "Heart rate"), "subject": subject, "effectiveDateTime": when,
+                    "valueQuantity": { "value": 60 + r.u32(..60), "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min" } }));
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub mpi: Arc<crate::mpi::MpiSettings>,
     pub outbound: crate::outbound::Outbound,
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);

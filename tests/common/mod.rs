@@ -348,12 +348,53 @@ macro_rules! on_both_backends {
     };
 }
 
-/// A simulated member EHR (`hie member-sim`) serving documents from its own data directory.
+/// A simulated member EHR (`hie member-sim`) serving documents and records from its own data
+/// directory.
 pub struct MemberSim {
     pub org: String,
     pub base: String,
     pub data: tempfile::TempDir,
+    pub port: u16,
+    config_path: PathBuf,
     child: Child,
+}
+
+fn spawn_sim(config: &Path, id: &str, data: &Path, listen: &str, args: &[&str]) -> (Child, u16) {
+    let mut child = Command::new(HIE)
+        .args(["--config", &config.to_string_lossy(), "member-sim"])
+        .args([
+            "--org",
+            id,
+            "--data",
+            &data.to_string_lossy(),
+            "--listen",
+            listen,
+        ])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn member-sim");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(rest) = line.split("listening on https://").nth(1) {
+                    break rest.split('/').next().unwrap_or_default().to_string();
+                }
+            }
+            _ => panic!("member-sim for {id} did not start"),
+        }
+    };
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    let port = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    (child, port)
 }
 
 impl MemberSim {
@@ -369,6 +410,20 @@ impl MemberSim {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the member again on the same port, with other member-sim arguments.
+    pub fn restart(&mut self, args: &[&str]) {
+        self.kill();
+        let listen = format!("127.0.0.1:{}", self.port);
+        let (child, _) = spawn_sim(
+            &self.config_path,
+            &self.org,
+            self.data.path(),
+            &listen,
+            args,
+        );
+        self.child = child;
     }
 }
 
@@ -388,36 +443,27 @@ impl Exchange {
         system: &str,
         delay_ms: u64,
     ) -> (MemberCreds, MemberSim) {
+        let delay = delay_ms.to_string();
+        self.enroll_with_sim(id, org_type, system, &["--delay-ms", &delay], &[])
+    }
+
+    /// Like `enroll_with_repository`, with member-sim arguments and data files written first
+    /// (e.g. `("resources.ndjson", …)`).
+    pub fn enroll_with_sim(
+        &self,
+        id: &str,
+        org_type: &str,
+        system: &str,
+        args: &[&str],
+        files: &[(&str, String)],
+    ) -> (MemberCreds, MemberSim) {
         self.hie_ok(&["certs", "issue", "--org", id, "--server-name", "localhost"]);
         let data = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(data.path().join("documents")).expect("documents dir");
-        let mut child = Command::new(HIE)
-            .args([
-                "--config",
-                &self.config_path.to_string_lossy(),
-                "member-sim",
-            ])
-            .args(["--org", id, "--data", &data.path().to_string_lossy()])
-            .args(["--delay-ms", &delay_ms.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn member-sim");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(rest) = line.split("listening on https://").nth(1) {
-                        break rest.split('/').next().unwrap_or_default().to_string();
-                    }
-                }
-                _ => panic!("member-sim for {id} did not start"),
-            }
-        };
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-        let port = addr.rsplit(':').next().unwrap_or_default().to_string();
+        for (name, text) in files {
+            std::fs::write(data.path().join(name), text).expect("write data file");
+        }
+        let (child, port) = spawn_sim(&self.config_path, id, data.path(), "127.0.0.1:0", args);
         let base = format!("https://localhost:{port}/fhir");
         let creds = self.creds(id);
         let cert = creds.cert.to_string_lossy().into_owned();
@@ -443,6 +489,8 @@ impl Exchange {
                 org: id.into(),
                 base,
                 data,
+                port,
+                config_path: self.config_path.clone(),
                 child,
             },
         )

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::ids::OrgId;
 use crate::orgs::{self, OrgQuery, OrgStatus, OrgType, Organization};
 
-fn render_organization(state: &AppState, org: &Organization) -> Value {
+pub fn render_organization(state: &AppState, org: &Organization) -> Value {
     let hl7_type = match org.org_type {
         OrgType::Operator => ("other", "Other"),
         _ => ("prov", "Healthcare Provider"),
@@ -36,7 +36,7 @@ fn render_organization(state: &AppState, org: &Organization) -> Value {
     resource
 }
 
-fn render_endpoint(org: &Organization) -> Option<Value> {
+pub fn render_endpoint(org: &Organization) -> Option<Value> {
     let address = org.fhir_base.as_ref()?;
     Some(json!({
         "resourceType": "Endpoint",

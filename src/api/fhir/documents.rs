@@ -78,7 +78,7 @@ pub async fn transaction(
 
 /// The person a search is about, from `patient` (a Patient id of the MPI) or
 /// `patient.identifier` (any identifier linked to them). None: nobody (an empty result).
-fn person_of(
+pub(super) fn person_of(
     conn: &mut crate::db::DbConn,
     settings: &mpi::MpiSettings,
     patient: Option<&str>,

@@ -3,6 +3,7 @@
 mod audit_event;
 mod directory;
 pub mod documents;
+mod federated;
 mod metadata;
 pub mod patient;
 
@@ -19,6 +20,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/", web::post().to(patient::batch))
             .route("/metadata", web::get().to(metadata::capability_statement))
             .route("/Patient/$ihe-pix", web::get().to(patient::pix))
+            .route("/Patient/$locate", web::get().to(federated::locate))
+            .route("/Patient/{id}/$locate", web::get().to(federated::locate))
+            .route(
+                "/federated/Patient/$everything",
+                web::get().to(federated::everything),
+            )
+            .route("/federated/{kind}", web::get().to(federated::search))
             .route("/Patient/$match", web::post().to(patient::match_op))
             .route(
                 "/Patient/$review-queue",
