@@ -54,6 +54,17 @@ pub enum Command {
     /// The master patient index: review queue, links, merges.
     #[command(subcommand)]
     Mpi(MpiCommand),
+    /// Start the broker and three simulated members (hospital, lab, emergency department) with
+    /// synthetic patients and documents, and walk through a whole exchange.
+    Demo {
+        /// Exit after the walk-through (status 1 if any step failed) instead of keeping the
+        /// exchange running.
+        #[arg(long)]
+        once: bool,
+        /// Working directory (cleared first).
+        #[arg(long, default_value = "data/demo")]
+        dir: PathBuf,
+    },
     /// Run a simulated member EHR: an HTTPS FHIR server (mutual TLS, trusting the exchange CA)
     /// serving the member's documents from DIR/documents, for tests and demos.
     MemberSim {
@@ -292,6 +303,12 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
             };
             let system = actix_web::rt::System::new();
             system.block_on(crate::member::run(options))?;
+        }
+        Command::Demo { once, dir } => {
+            let system = actix_web::rt::System::new();
+            if !system.block_on(crate::demo::run(dir, once))? {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Migrate => {
             let applied = db::migrate_only(&config.database)?;

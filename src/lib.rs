@@ -9,6 +9,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod error;
 pub mod federation;
 pub mod ids;
