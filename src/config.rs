@@ -24,6 +24,7 @@ pub struct Config {
     pub mpi: MpiConfig,
     pub members: MembersConfig,
     pub federation: FederationConfig,
+    pub policy: PolicyConfig,
     pub log: LogConfig,
 }
 
@@ -125,6 +126,22 @@ pub struct FederationConfig {
     pub breaker_cooldown_ms: u64,
     pub max_response_bytes: usize,
     pub max_resources_per_member: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConsentModel {
+    OptOut,
+    OptIn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub model: ConsentModel,
+    pub break_glass_overrides_opt_out: bool,
+    /// Member type -> purposes of use it may assert.
+    pub purposes: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -231,6 +248,22 @@ impl Config {
             return Err(Error::config(
                 "config keys 'members.timeout_ms' and 'members.idle_timeout_ms' must be greater than 0",
             ));
+        }
+        for (org_type, purposes) in &self.policy.purposes {
+            crate::orgs::OrgType::parse(org_type).map_err(|e| {
+                Error::config(format!(
+                    "config key 'policy.purposes.{org_type}': {}",
+                    e.message
+                ))
+            })?;
+            for p in purposes {
+                crate::policy::PurposeOfUse::parse(p).map_err(|e| {
+                    Error::config(format!(
+                        "config key 'policy.purposes.{org_type}': {}",
+                        e.message
+                    ))
+                })?;
+            }
         }
         let f = &self.federation;
         if f.deadline_ms == 0

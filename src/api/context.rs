@@ -31,6 +31,8 @@ pub struct RequestContext {
     pub user_role: Option<String>,
     pub request_id: Option<String>,
     pub client_addr: Option<String>,
+    /// Break-the-glass: the reason an emergency department gave (only with purpose ETREAT).
+    pub break_glass: Option<String>,
 }
 
 /// An authenticated member request; purpose of use not required.
@@ -47,6 +49,7 @@ impl RequestContext {
             purpose: Some(self.purpose),
             client_addr: self.client_addr.clone(),
             request_id: self.request_id.clone(),
+            break_glass: self.break_glass.clone(),
         }
     }
 }
@@ -206,6 +209,7 @@ async fn authenticate(req: &HttpRequest, purpose_required: bool) -> Result<Reque
             ),
         ));
     }
+    let asserted = purpose.is_some();
     let purpose = match (purpose, purpose_required) {
         (Some(p), _) => p,
         (None, false) => PurposeOfUse::Treat,
@@ -215,7 +219,29 @@ async fn authenticate(req: &HttpRequest, purpose_required: bool) -> Result<Reque
             ))
         }
     };
+    let allowed = !asserted
+        || state
+            .config
+            .policy
+            .purposes
+            .get(org.org_type.code())
+            .is_some_and(|list| list.iter().any(|p| p.eq_ignore_ascii_case(purpose.code())));
+    if !allowed {
+        return Err(Error::forbidden(format!(
+            "a member of type '{}' may not assert purpose of use {} ({}); see the exchange's policy",
+            org.org_type.code(),
+            purpose.code(),
+            purpose.display()
+        )));
+    }
+    let break_glass = header(req, "X-Break-Glass-Reason")?;
+    if break_glass.is_some() && !purpose.is_emergency() {
+        return Err(Error::invalid(
+            "X-Break-Glass-Reason goes with X-Purpose-Of-Use: ETREAT (emergency treatment) only",
+        ));
+    }
     Ok(RequestContext {
+        break_glass,
         org,
         purpose,
         user_id: header(req, "X-User-Id")?,

@@ -25,6 +25,8 @@ pub struct Actor {
     pub purpose: Option<PurposeOfUse>,
     pub client_addr: Option<String>,
     pub request_id: Option<String>,
+    /// The reason given for break-the-glass (ETREAT + X-Break-Glass-Reason).
+    pub break_glass: Option<String>,
 }
 
 impl Actor {
@@ -104,6 +106,9 @@ pub struct AuditRecord {
     pub query: Option<String>,
     pub outcome: String,
     pub outcome_desc: Option<String>,
+    /// Break-the-glass reason; hashed only when present (records from before it existed verify).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass: Option<String>,
 }
 
 impl AuditRecord {
@@ -124,6 +129,7 @@ impl AuditRecord {
             query: None,
             outcome: Outcome::Success.code().into(),
             outcome_desc: None,
+            break_glass: actor.break_glass.clone(),
         }
     }
 

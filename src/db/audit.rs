@@ -30,6 +30,7 @@ struct Row {
     outcome_desc: Option<String>,
     prev_hash: String,
     hash: String,
+    break_glass: Option<String>,
 }
 
 impl Row {
@@ -53,6 +54,7 @@ impl Row {
             outcome_desc: r.outcome_desc.clone(),
             prev_hash,
             hash,
+            break_glass: r.break_glass.clone(),
         }
     }
 
@@ -75,6 +77,7 @@ impl Row {
                 query: self.query,
                 outcome: self.outcome,
                 outcome_desc: self.outcome_desc,
+                break_glass: self.break_glass,
             },
             prev_hash: self.prev_hash,
             hash: self.hash,
@@ -146,6 +149,10 @@ pub struct AuditFilter {
     pub outcome: Option<String>,
     pub action: Option<String>,
     pub subtype: Option<String>,
+    /// Only these subtypes (when not empty).
+    pub subtypes: Vec<String>,
+    /// Only break-the-glass accesses (true) or only others (false).
+    pub break_glass: Option<bool>,
     /// Only records older than this sequence number (paging, newest first).
     pub before_seq: Option<i64>,
 }
@@ -183,6 +190,14 @@ pub fn search(conn: &mut DbConn, f: &AuditFilter, limit: i64) -> Result<Vec<Chai
     }
     if let Some(v) = &f.subtype {
         q = q.filter(audit_events::subtype.eq(v.clone()));
+    }
+    if !f.subtypes.is_empty() {
+        q = q.filter(audit_events::subtype.eq_any(f.subtypes.clone()));
+    }
+    match f.break_glass {
+        Some(true) => q = q.filter(audit_events::break_glass.is_not_null()),
+        Some(false) => q = q.filter(audit_events::break_glass.is_null()),
+        None => {}
     }
     if let Some(v) = f.before_seq {
         q = q.filter(audit_events::seq.lt(v));

@@ -2,6 +2,7 @@
 //! PostgreSQL (production): `DbConn` is a diesel `MultiConnection`, so every query is written once.
 
 pub mod audit;
+pub mod consent;
 pub mod documents;
 pub mod mpi;
 pub mod orgs;

@@ -50,6 +50,7 @@ diesel::table! {
         outcome_desc -> Nullable<Text>,
         prev_hash -> Text,
         hash -> Text,
+        break_glass -> Nullable<Text>,
     }
 }
 
@@ -208,3 +209,21 @@ diesel::table! {
         created_at -> BigInt,
     }
 }
+
+diesel::table! {
+    consents (id) {
+        id -> BigInt,
+        consent_id -> BigInt,
+        version -> BigInt,
+        is_current -> BigInt,
+        source_id -> BigInt,
+        org_id -> Text,
+        status -> Text,
+        rule -> Text,
+        resource -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::joinable!(consents -> source_records (source_id));
+diesel::allow_tables_to_appear_in_same_query!(consents, source_records);

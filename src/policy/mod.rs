@@ -1,5 +1,7 @@
 //! Access policy: purposes of use (consent, break-the-glass and org-type rules build on this).
 
+pub mod consent;
+
 use crate::error::{Error, Result};
 
 pub const PURPOSE_OF_USE_SYSTEM: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";

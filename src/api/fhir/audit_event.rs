@@ -123,12 +123,21 @@ fn render(state: &AppState, c: &ChainedRecord) -> Value {
     if let Some(desc) = &r.outcome_desc {
         event["outcomeDesc"] = json!(desc);
     }
+    if let Some(reason) = &r.break_glass {
+        // BALP: break-the-glass is a purpose of the event, with the reason the clinician gave.
+        event["extension"]
+            .as_array_mut()
+            .map(|e| e.push(json!({ "url": exchange_system(state, "break-glass-reason"), "valueString": reason })));
+    }
     if let Some(purpose) = &r.purpose {
         let display = PurposeOfUse::parse(purpose)
             .map(PurposeOfUse::display)
             .unwrap_or("");
-        event["purposeOfEvent"] =
-            json!([{ "coding": [coding(PURPOSE_OF_USE_SYSTEM, purpose, display)] }]);
+        let mut codings = vec![coding(PURPOSE_OF_USE_SYSTEM, purpose, display)];
+        if r.break_glass.is_some() {
+            codings.push(coding(PURPOSE_OF_USE_SYSTEM, "BTG", "break the glass"));
+        }
+        event["purposeOfEvent"] = json!([{ "coding": codings }]);
     }
     if !entities.is_empty() {
         event["entity"] = json!(entities);
@@ -196,6 +205,14 @@ fn filter(params: &Params) -> Result<AuditFilter> {
     f.subtype = params
         .one("subtype")?
         .map(|s| s.rsplit('|').next().unwrap_or(s).to_string());
+    f.break_glass = params
+        .one("break-glass")?
+        .map(|b| match b {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(Error::invalid("break-glass must be true or false").at("break-glass")),
+        })
+        .transpose()?;
     f.before_seq = params
         .one("_before")?
         .map(|b| {
@@ -211,15 +228,25 @@ pub async fn search(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse> {
-    require_operator(&ctx)?;
     let params = Params::parse(
         req.query_string(),
         &[
-            "date", "agent", "patient", "entity", "purpose", "outcome", "action", "subtype",
+            "date",
+            "agent",
+            "patient",
+            "entity",
+            "purpose",
+            "outcome",
+            "action",
+            "subtype",
+            "break-glass",
             "_before",
         ],
     )?;
-    let f = filter(&params)?;
+    let mut f = filter(&params)?;
+    if ctx.org.org_type != OrgType::Operator {
+        f = accounting_filter(&state, &ctx, f).await?;
+    }
     let count = params.count(50, 1000)?;
     let record = AuditRecord::new(&ctx.actor(), "rest", Action::Execute, "search-type")
         .entity("AuditEvent")
@@ -263,6 +290,73 @@ pub async fn search(
         .map(|c| (format!("{base}/AuditEvent/{}", c.seq), render(&state, c)))
         .collect();
     Ok(ok(&searchset(&self_url(&state, &req), None, entries, next)))
+}
+
+/// The interactions that disclose something about a patient: what their accounting lists.
+pub const DISCLOSURES: [&str; 9] = [
+    "read",
+    "search-type",
+    "ihe-pix",
+    "match",
+    "ITI-66",
+    "ITI-67",
+    "ITI-68",
+    "federated-query",
+    "locate",
+];
+
+/// A member acting on the patient's own request (purpose PATRQT) may read that patient's
+/// accounting of disclosures: who saw what, when and why. It must hold a record of the patient.
+async fn accounting_filter(
+    state: &AppState,
+    ctx: &RequestContext,
+    f: AuditFilter,
+) -> Result<AuditFilter> {
+    if ctx.purpose != PurposeOfUse::Patrqt {
+        return Err(Error::forbidden(
+            "the audit trail is for exchange operators; a member may read a patient's accounting of disclosures with X-Purpose-Of-Use: PATRQT and patient=Patient/ent-N",
+        ));
+    }
+    let Some(patient) = f.patient.clone() else {
+        return Err(Error::invalid(
+            "patient=Patient/ent-N is required for an accounting of disclosures",
+        )
+        .at("patient"));
+    };
+    let id = patient.trim_start_matches("Patient/").to_string();
+    let org = ctx.org.id.to_string();
+    let eid = state
+        .db
+        .run(move |c| {
+            let eid = match (
+                crate::mpi::parse_person_ref(&id),
+                crate::mpi::parse_source_ref(&id),
+            ) {
+                (Some(e), _) => crate::mpi::current_identity(c, e)?,
+                (None, Some(s)) => match crate::db::mpi::get_source(c, s)? {
+                    Some(r) => crate::mpi::current_identity(c, r.enterprise_id)?,
+                    None => None,
+                },
+                _ => None,
+            };
+            let Some(eid) = eid else { return Ok(None) };
+            let holds = crate::db::mpi::members(c, eid)?
+                .iter()
+                .any(|m| m.org_id == org);
+            Ok(holds.then_some(eid))
+        })
+        .await?
+        .ok_or_else(|| {
+            Error::forbidden(
+                "an accounting of disclosures is given only to a member that holds a record of the patient",
+            )
+        })?;
+    Ok(AuditFilter {
+        patient: Some(format!("Patient/{}", crate::mpi::person_ref(eid))),
+        outcome: Some(crate::audit::Outcome::Success.code().to_string()),
+        subtypes: DISCLOSURES.iter().map(|s| s.to_string()).collect(),
+        ..f
+    })
 }
 
 pub async fn read(

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use super::guard::{mark_break_glass, Asker, BREAK_GLASS_HEADER};
 use super::{base, ok, searchset, self_url, Params};
 use crate::api::context::RequestContext;
 use crate::api::outcome::fhir;
@@ -20,10 +21,29 @@ use crate::db::documents::{self as store, DocumentRow};
 use crate::error::{Error, ErrorKind, Result};
 use crate::ids::OrgId;
 use crate::mpi::{self, person_ref};
+use crate::policy::consent::{labels_of, Access};
 use crate::registry::{self, doc_ref, parse_doc_ref, parse_list_ref, search::Criteria};
 
 fn record(ctx: &RequestContext, action: Action, subtype: &str, entity: String) -> AuditRecord {
     AuditRecord::new(&ctx.actor(), "rest", action, subtype).entity(entity)
+}
+
+/// What the requester may see of a document: None when consent withholds it (answered exactly
+/// like an unknown document), else the access (which says whether break-the-glass was needed).
+fn document_access(
+    c: &mut crate::db::DbConn,
+    asker: &Asker,
+    row: &DocumentRow,
+    eid: Option<i64>,
+) -> Result<Option<Access>> {
+    let access = match eid {
+        Some(e) => asker.access_one(c, e)?,
+        None => Access::open(),
+    };
+    let labels = serde_json::from_str::<Value>(&row.resource)
+        .map(|r| labels_of(&r))
+        .unwrap_or_default();
+    Ok(access.allows(&labels).then_some(access))
 }
 
 /// POST /fhir with a transaction Bundle: ITI-65 Provide Document Bundle.
@@ -193,56 +213,61 @@ async fn find_documents(
     let criteria = Criteria::parse(&sr.pairs, true, &fhir_base)?;
     let settings = state.mpi.clone();
     let fb = fhir_base.clone();
-    let (eid, rows) = state
+    let asker = Asker::new(&state, &ctx);
+    let (eid, rows, access) = state
         .db
         .run(move |c| {
-            let eid = person_of(
+            let mut eid = person_of(
                 c,
                 &settings,
                 sr.patient.as_deref(),
                 sr.identifier.as_ref(),
                 &fb,
             )?;
-            let rows = match (eid, &sr.master_id) {
+            let rows: Vec<DocumentRow> = match (eid, &sr.master_id) {
                 (Some(eid), _) => {
                     let sources = store::sources_of_identity(c, eid)?;
                     store::documents_of_sources(c, &sources)?
                 }
                 (None, Some(m)) if sr.patient.is_none() && sr.identifier.is_none() => {
-                    store::document_by_master_id(c, m)?.into_iter().collect()
+                    let row = store::document_by_master_id(c, m)?;
+                    // An identifier-only search is about the one person that document is about.
+                    if let Some(r) = &row {
+                        eid = registry::person_of_source(c, r.source_id)?;
+                    }
+                    row.into_iter().filter(|_| eid.is_some()).collect()
                 }
                 _ => Vec::new(),
             };
-            Ok((eid, rows))
+            let access = match eid {
+                Some(e) => asker.access_one(c, e)?,
+                None => Access::open(),
+            };
+            Ok((eid, rows, access))
         })
         .await?;
-    let matched = criteria.documents(rows);
+    // Consent first: withheld documents are not counted and not paged.
+    let mut matched = criteria.documents(if access.visible { rows } else { Vec::new() });
+    matched.retain(|(_, r)| access.allows(&labels_of(r)));
     let total = matched.len();
     let page: Vec<&(DocumentRow, Value)> = matched
         .iter()
         .skip(sr.offset as usize)
         .take(sr.count as usize)
         .collect();
-    // Who the documents are about, for the audit record (an identifier-only search may span
-    // one person only: a masterIdentifier is unique).
-    let eid = match eid {
-        Some(e) => Some(e),
-        None => match page.first() {
-            Some((row, _)) => {
-                let sid = row.source_id;
-                state
-                    .db
-                    .run(move |c| registry::person_of_source(c, sid))
-                    .await?
-            }
-            None => None,
-        },
-    };
     let mut audit = record(&ctx, Action::Execute, "ITI-67", "DocumentReference".into())
         .query(query.clone())
         .outcome(
-            Outcome::Success,
-            format!("{} of {total} documents disclosed", page.len()),
+            if access.visible {
+                Outcome::Success
+            } else {
+                Outcome::MinorFailure
+            },
+            if access.visible {
+                format!("{} of {total} documents disclosed", page.len())
+            } else {
+                "nothing disclosed: withheld by the patient's consent".to_string()
+            },
         );
     if let Some(eid) = eid {
         audit = audit.patient(format!("Patient/{}", person_ref(eid)));
@@ -257,6 +282,7 @@ async fn find_documents(
             )
         })
         .collect();
+    let released = access.overridden && !page.is_empty();
     let next = next_link(
         &format!("{fhir_base}/DocumentReference"),
         &query,
@@ -264,12 +290,11 @@ async fn find_documents(
         sr.count,
         total,
     );
-    Ok(ok(&searchset(
-        &self_url(&state, &req),
-        Some(total),
-        entries,
-        next,
-    )))
+    let mut bundle = searchset(&self_url(&state, &req), Some(total), entries, next);
+    if released {
+        mark_break_glass(&mut bundle);
+    }
+    Ok(ok(&bundle))
 }
 
 /// GET /fhir/DocumentReference (ITI-67).
@@ -312,14 +337,18 @@ pub async fn read(
 ) -> Result<HttpResponse> {
     let id = parse_doc_ref(&path)
         .ok_or_else(|| Error::not_found(format!("DocumentReference/{path} is not registered")))?;
-    let (row, eid) = state
+    let asker = Asker::new(&state, &ctx);
+    let (row, eid, released) = state
         .db
         .run(move |c| {
             let Some(row) = store::get_document(c, id)? else {
-                return Ok((None, None));
+                return Ok((None, None, false));
             };
             let eid = registry::person_of_source(c, row.source_id)?;
-            Ok((Some(row), eid))
+            match document_access(c, &asker, &row, eid)? {
+                Some(a) => Ok((Some(row), eid, a.overridden)),
+                None => Ok((None, None, false)),
+            }
         })
         .await?;
     let row = row.ok_or_else(|| {
@@ -338,7 +367,11 @@ pub async fn read(
         audit = audit.patient(format!("Patient/{}", person_ref(eid)));
     }
     state.auditor.record(audit).await?;
-    Ok(ok(&registry::render_document(&row, &base(&state, &req))))
+    let mut doc = registry::render_document(&row, &base(&state, &req));
+    if released {
+        mark_break_glass(&mut doc);
+    }
+    Ok(ok(&doc))
 }
 
 /// GET /fhir/List (ITI-66: SubmissionSets and Folders).
@@ -353,6 +386,7 @@ pub async fn search_lists(
     let criteria = Criteria::parse(&sr.pairs, false, &fhir_base)?;
     let settings = state.mpi.clone();
     let fb = fhir_base.clone();
+    let asker = Asker::new(&state, &ctx);
     let (eid, rows) = state
         .db
         .run(move |c| {
@@ -363,7 +397,11 @@ pub async fn search_lists(
                 sr.identifier.as_ref(),
                 &fb,
             )?;
-            let rows = match eid {
+            let visible = match eid {
+                Some(e) => asker.access_one(c, e)?.visible,
+                None => false,
+            };
+            let rows = match eid.filter(|_| visible) {
                 Some(eid) => {
                     let sources = store::sources_of_identity(c, eid)?;
                     store::lists_of_sources(c, &sources)?
@@ -422,6 +460,7 @@ pub async fn read_list(
 ) -> Result<HttpResponse> {
     let id = parse_list_ref(&path)
         .ok_or_else(|| Error::not_found(format!("List/{path} is not registered")))?;
+    let asker = Asker::new(&state, &ctx);
     let row = state
         .db
         .run(move |c| {
@@ -429,6 +468,11 @@ pub async fn read_list(
                 return Ok(None);
             };
             let eid = registry::person_of_source(c, row.source_id)?;
+            if let Some(e) = eid {
+                if !asker.access_one(c, e)?.visible {
+                    return Ok(None);
+                }
+            }
             Ok(Some((row, eid)))
         })
         .await?;
@@ -456,6 +500,7 @@ pub async fn retrieve(
     let id = parse_doc_ref(&path)
         .ok_or_else(|| Error::not_found(format!("Binary/{path} is not a registered document")))?;
     let entity = format!("DocumentReference/{}", doc_ref(id));
+    let asker = Asker::new(&state, &ctx);
     let found = state
         .db
         .run(move |c| {
@@ -463,11 +508,14 @@ pub async fn retrieve(
                 return Ok(None);
             };
             let eid = registry::person_of_source(c, row.source_id)?;
+            let Some(access) = document_access(c, &asker, &row, eid)? else {
+                return Ok(None);
+            };
             let holder = crate::orgs::get(c, &OrgId::parse(&row.org_id)?)?;
-            Ok(Some((row, eid, holder)))
+            Ok(Some((row, eid, holder, access.overridden)))
         })
         .await?;
-    let Some((row, eid, holder)) = found else {
+    let Some((row, eid, holder, released)) = found else {
         return Err(Error::not_found(format!(
             "Binary/{path} is not a registered document"
         )));
@@ -568,7 +616,11 @@ pub async fn retrieve(
         done: false,
         on_failure: Some(on_failure),
     };
-    Ok(HttpResponse::Ok()
+    let mut response = HttpResponse::Ok();
+    if released {
+        response.insert_header((BREAK_GLASS_HEADER, "released"));
+    }
+    Ok(response
         .content_type(row.content_type.as_str())
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .insert_header(("Cache-Control", "no-store"))

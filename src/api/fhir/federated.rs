@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use super::documents::person_of;
+use super::guard::{mark_break_glass, Asker};
 use super::{base, exchange_system, ok, self_url, Params};
 use crate::api::context::RequestContext;
 use crate::api::AppState;
@@ -16,16 +17,20 @@ use crate::federation::{Answer, Target, FORWARDED_PARAMS, RESOURCE_TYPES};
 use crate::ids::OrgId;
 use crate::mpi::person_ref;
 use crate::orgs::Organization;
+use crate::policy::consent::{labels_of, Access};
 
 /// Who holds records about a person: each member with its own identifiers for them.
 struct Holdings {
     eid: Option<i64>,
+    /// What consent lets this requester see of the person.
+    access: Access,
     /// (organisation, its identifiers of the person as (system, value)).
     holders: Vec<(Organization, Vec<(String, String)>)>,
 }
 
 async fn holdings(
     state: &AppState,
+    asker: Asker,
     patient: Option<String>,
     identifier: Option<(String, String)>,
     fhir_base: String,
@@ -34,6 +39,11 @@ async fn holdings(
     state
         .db
         .run(move |c| {
+            let nobody = Holdings {
+                eid: None,
+                access: Access::default(),
+                holders: Vec::new(),
+            };
             let Some(eid) = person_of(
                 c,
                 &settings,
@@ -42,11 +52,13 @@ async fn holdings(
                 &fhir_base,
             )?
             else {
-                return Ok(Holdings {
-                    eid: None,
-                    holders: Vec::new(),
-                });
+                return Ok(nobody);
             };
+            let access = asker.access_one(c, eid)?;
+            if !access.visible {
+                // Answered exactly like a person the exchange does not know.
+                return Ok(nobody);
+            }
             let mut by_org: std::collections::BTreeMap<String, Vec<(String, String)>> =
                 Default::default();
             for r in crate::db::mpi::members(c, eid)? {
@@ -73,6 +85,7 @@ async fn holdings(
             }
             Ok(Holdings {
                 eid: Some(eid),
+                access,
                 holders,
             })
         })
@@ -120,7 +133,8 @@ pub async fn locate(
         None => patient_params(&params)?,
     };
     let fhir_base = base(&state, &req);
-    let h = holdings(&state, patient, identifier, fhir_base.clone()).await?;
+    let asker = Asker::new(&state, &ctx);
+    let h = holdings(&state, asker, patient, identifier, fhir_base.clone()).await?;
     let Some(eid) = h.eid else {
         return Err(Error::not_found(
             "no person with this identifier is known to the exchange",
@@ -205,7 +219,8 @@ async fn fan_out(
     let started = Instant::now();
     let deadline = started + state.federation.deadline(ctx.purpose.is_emergency());
     let fhir_base = base(&state, &req);
-    let h = holdings(&state, patient, identifier, fhir_base).await?;
+    let asker = Asker::new(&state, &ctx);
+    let h = holdings(&state, asker, patient, identifier, fhir_base).await?;
     let Some(eid) = h.eid else {
         return Err(Error::not_found(
             "no person with this identifier is known to the exchange",
@@ -252,11 +267,17 @@ async fn fan_out(
             .filter(|(x, _, _)| x.org_id == t.org_id && x.value == t.value && x.system == t.system)
             .collect();
         let mut disclosed = 0;
+        let mut withheld = 0;
         let mut problems = Vec::new();
         for (_, kind, answer) in mine {
             match answer {
                 Answer::Resources { resources, dropped } => {
                     for r in resources {
+                        // What members return passes the same consent check on its way out.
+                        if !h.access.allows(&labels_of(r)) {
+                            withheld += 1;
+                            continue;
+                        }
                         let mut r = r.clone();
                         let id = r
                             .get("id")
@@ -290,6 +311,9 @@ async fn fan_out(
         } else {
             Outcome::MinorFailure
         };
+        if withheld > 0 {
+            problems.push(format!("{withheld} withheld by the patient's consent"));
+        }
         let desc = if problems.is_empty() {
             format!("{disclosed} resources disclosed")
         } else {
@@ -330,11 +354,15 @@ async fn fan_out(
         ms = started.elapsed().as_millis() as u64,
         "federated query answered"
     );
-    Ok(ok(&json!({
+    let mut bundle = json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "total": total,
         "link": [{ "relation": "self", "url": self_url(&state, &req) }],
         "entry": entries,
-    })))
+    });
+    if h.access.overridden {
+        mark_break_glass(&mut bundle);
+    }
+    Ok(ok(&bundle))
 }

@@ -1,9 +1,11 @@
 //! The FHIR R4 API under /fhir: routing, search parameters, Bundles.
 
 mod audit_event;
+mod consent;
 mod directory;
 pub mod documents;
 mod federated;
+pub mod guard;
 mod metadata;
 pub mod patient;
 
@@ -65,6 +67,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/List", web::get().to(documents::search_lists))
             .route("/List/{id}", web::get().to(documents::read_list))
             .route("/Binary/{id}", web::get().to(documents::retrieve))
+            .service(
+                web::resource("/Consent")
+                    .route(web::get().to(consent::search))
+                    .route(web::post().to(consent::create)),
+            )
+            .route("/Consent/{id}/_history", web::get().to(consent::history))
+            .service(
+                web::resource("/Consent/{id}")
+                    .route(web::get().to(consent::read))
+                    .route(web::put().to(consent::update)),
+            )
             .route("/AuditEvent", web::get().to(audit_event::search))
             .route("/AuditEvent/{id}", web::get().to(audit_event::read)),
     );

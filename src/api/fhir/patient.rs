@@ -5,6 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
+use super::guard::{mark_break_glass, Asker};
 use super::{ok, searchset, self_url, Params};
 use crate::api::context::RequestContext;
 use crate::api::outcome::fhir;
@@ -14,6 +15,10 @@ use crate::db::mpi::{PdqCriteria, SourceRow};
 use crate::error::{Error, Result};
 use crate::mpi::{self, normalize, person_ref, source_ref, FeedRequest, Person};
 use crate::orgs::OrgType;
+
+/// PDQm considers at most this many matching people (consent is applied to all of them before
+/// paging); a search that matches more should be narrowed.
+const PDQ_POLICY_WINDOW: i64 = 1000;
 
 pub const MATCH_GRADE_URL: &str = "http://hl7.org/fhir/StructureDefinition/match-grade";
 
@@ -321,12 +326,13 @@ pub async fn search(
         return Err(Error::invalid("give at least one of family, given, birthdate, identifier, address-postalcode, telecom or _id"));
     }
     let settings = state.mpi.clone();
-    let (people, total) = state
+    let asker = Asker::new(&state, &ctx);
+    let (people, total, break_glass) = state
         .db
         .run(move |conn| {
             if let Some((s, v)) = &identifier {
                 let Some(eid) = mpi::resolve_identifier(conn, &settings, s, v)? else {
-                    return Ok((Vec::new(), 0));
+                    return Ok((Vec::new(), 0, false));
                 };
                 c.source_ids = Some(
                     crate::db::mpi::members(conn, eid)?
@@ -337,7 +343,7 @@ pub async fn search(
             }
             if let Some(eid) = id {
                 let Some(eid) = mpi::current_identity(conn, eid)? else {
-                    return Ok((Vec::new(), 0));
+                    return Ok((Vec::new(), 0, false));
                 };
                 let ids: Vec<i64> = crate::db::mpi::members(conn, eid)?
                     .iter()
@@ -348,8 +354,17 @@ pub async fn search(
                     None => ids,
                 });
             }
-            let (eids, total) = crate::db::mpi::pdq_search(conn, &c, offset, count)?;
-            Ok((mpi::people(conn, &eids)?, total))
+            // Consent is applied to every match before paging, so that totals and pages say
+            // nothing about who was withheld.
+            let (all, _) = crate::db::mpi::pdq_search(conn, &c, 0, PDQ_POLICY_WINDOW)?;
+            let (visible, break_glass) = asker.visible(conn, &all)?;
+            let total = visible.len() as i64;
+            let page: Vec<i64> = visible
+                .into_iter()
+                .skip(offset as usize)
+                .take(count as usize)
+                .collect();
+            Ok((mpi::people(conn, &page)?, total, break_glass))
         })
         .await?;
     let eids: Vec<i64> = people.iter().map(|p| p.enterprise_id).collect();
@@ -372,12 +387,11 @@ pub async fn search(
             )
         })
         .collect();
-    Ok(ok(&searchset(
-        &self_url(&state, &req),
-        Some(total as usize),
-        entries,
-        next,
-    )))
+    let mut bundle = searchset(&self_url(&state, &req), Some(total as usize), entries, next);
+    if break_glass {
+        mark_break_glass(&mut bundle);
+    }
+    Ok(ok(&bundle))
 }
 
 /// GET /fhir/Patient/{id}: a person (`ent-N`) or a member's source record (`src-N`).
@@ -389,12 +403,16 @@ pub async fn read(
     let id = path.into_inner();
     let not_found = || Error::not_found(format!("Patient/{id} is not known to this exchange"));
     if let Some(eid) = mpi::parse_person_ref(&id) {
+        let asker = Asker::new(&state, &ctx);
         let person = state
             .db
             .run(move |c| {
                 let Some(current) = mpi::current_identity(c, eid)? else {
                     return Ok(None);
                 };
+                if !asker.access_one(c, current)?.visible {
+                    return Ok(None);
+                }
                 Ok(mpi::people(c, &[current])?.pop())
             })
             .await?
@@ -409,9 +427,19 @@ pub async fn read(
         return Ok(ok(&render_person(&state, &person)));
     }
     let sid = mpi::parse_source_ref(&id).ok_or_else(not_found)?;
+    let asker = Asker::new(&state, &ctx);
     let row = state
         .db
-        .run(move |c| crate::db::mpi::get_source(c, sid))
+        .run(move |c| {
+            let Some(row) = crate::db::mpi::get_source(c, sid)? else {
+                return Ok(None);
+            };
+            let visible = match mpi::current_identity(c, row.enterprise_id)? {
+                Some(eid) => asker.access_one(c, eid)?.visible,
+                None => true,
+            };
+            Ok(visible.then_some(row))
+        })
         .await?
         .filter(|r| r.status != "deleted")
         .ok_or_else(not_found)?;
@@ -446,9 +474,20 @@ pub async fn pix(
         .map(str::to_string)
         .collect();
     let settings = state.mpi.clone();
+    let asker = Asker::new(&state, &ctx);
     let (eid, refs) = state
         .db
-        .run(move |c| mpi::cross_reference(c, &settings, &system, &value, &targets))
+        .run(move |c| {
+            let (eid, refs) = mpi::cross_reference(c, &settings, &system, &value, &targets)?;
+            if !asker.access_one(c, eid)?.visible {
+                // Exactly what an unknown identifier gets: nothing says a person was withheld.
+                return Err(
+                    Error::not_found("sourceIdentifier Patient Identifier not found")
+                        .at("sourceIdentifier"),
+                );
+            }
+            Ok((eid, refs))
+        })
         .await?;
     audit_disclosure(&state, &ctx, "ihe-pix", &[eid], req.query_string()).await?;
     let mut parameter = Vec::new();
@@ -506,12 +545,18 @@ pub async fn match_op(
         }
     };
     let settings = state.mpi.clone();
-    let (matches, people) = state
+    let asker = Asker::new(&state, &ctx);
+    let (matches, people, break_glass) = state
         .db
         .run(move |c| {
-            let m = mpi::match_patient(c, &settings, &patient, count, only_certain)?;
+            // Candidates beyond `count` stand in for any that consent withholds.
+            let mut m = mpi::match_patient(c, &settings, &patient, count + 50, only_certain)?;
             let eids: Vec<i64> = m.iter().map(|x| x.enterprise_id).collect();
-            Ok((m, mpi::people(c, &eids)?))
+            let (visible, break_glass) = asker.visible(c, &eids)?;
+            m.retain(|x| visible.contains(&x.enterprise_id));
+            m.truncate(count);
+            let eids: Vec<i64> = m.iter().map(|x| x.enterprise_id).collect();
+            Ok((m, mpi::people(c, &eids)?, break_glass))
         })
         .await?;
     let eids: Vec<i64> = matches.iter().map(|m| m.enterprise_id).collect();
@@ -532,13 +577,17 @@ pub async fn match_op(
             }))
         })
         .collect();
-    Ok(ok(&json!({
+    let mut bundle = json!({
         "resourceType": "Bundle",
         "type": "searchset",
         "total": entries.len(),
         "link": [{ "relation": "self", "url": self_url(&state, &req) }],
         "entry": entries,
-    })))
+    });
+    if break_glass {
+        mark_break_glass(&mut bundle);
+    }
+    Ok(ok(&bundle))
 }
 
 fn review_json(item: &mpi::ReviewItem) -> Value {

@@ -1,0 +1,96 @@
+//! Queries of consent directives.
+
+use diesel::prelude::*;
+
+use super::schema::{consents, source_records};
+use super::DbConn;
+use crate::error::Result;
+
+#[derive(Debug, Clone, Queryable)]
+pub struct ConsentRow {
+    pub id: i64,
+    pub consent_id: i64,
+    pub version: i64,
+    pub is_current: i64,
+    pub source_id: i64,
+    pub org_id: String,
+    pub status: String,
+    pub rule: String,
+    pub resource: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = consents)]
+pub struct NewConsent {
+    pub consent_id: i64,
+    pub version: i64,
+    pub is_current: i64,
+    pub source_id: i64,
+    pub org_id: String,
+    pub status: String,
+    pub rule: String,
+    pub resource: String,
+    pub created_at: i64,
+}
+
+/// Inserts a version; a first version (consent_id 0) gets its own row id as consent id.
+pub fn insert(conn: &mut DbConn, new: &NewConsent) -> Result<i64> {
+    let id: i64 = diesel::insert_into(consents::table)
+        .values(new)
+        .returning(consents::id)
+        .get_result(conn)?;
+    if new.consent_id == 0 {
+        diesel::update(consents::table.find(id))
+            .set(consents::consent_id.eq(id))
+            .execute(conn)?;
+        return Ok(id);
+    }
+    Ok(new.consent_id)
+}
+
+pub fn retire_current(conn: &mut DbConn, consent_id: i64) -> Result<()> {
+    diesel::update(
+        consents::table
+            .filter(consents::consent_id.eq(consent_id))
+            .filter(consents::is_current.eq(1)),
+    )
+    .set(consents::is_current.eq(0))
+    .execute(conn)?;
+    Ok(())
+}
+
+pub fn current(conn: &mut DbConn, consent_id: i64) -> Result<Option<ConsentRow>> {
+    Ok(consents::table
+        .filter(consents::consent_id.eq(consent_id))
+        .filter(consents::is_current.eq(1))
+        .first(conn)
+        .optional()?)
+}
+
+pub fn history(conn: &mut DbConn, consent_id: i64) -> Result<Vec<ConsentRow>> {
+    Ok(consents::table
+        .filter(consents::consent_id.eq(consent_id))
+        .order(consents::version.desc())
+        .load(conn)?)
+}
+
+/// Current versions of the directives recorded for these source records.
+pub fn current_of_sources(conn: &mut DbConn, source_ids: &[i64]) -> Result<Vec<ConsentRow>> {
+    Ok(consents::table
+        .filter(consents::source_id.eq_any(source_ids))
+        .filter(consents::is_current.eq(1))
+        .order(consents::consent_id.asc())
+        .load(conn)?)
+}
+
+/// (enterprise id, rule JSON) of every active directive of these people.
+pub fn active_rules_of(conn: &mut DbConn, enterprise_ids: &[i64]) -> Result<Vec<(i64, String)>> {
+    Ok(consents::table
+        .inner_join(source_records::table.on(source_records::id.eq(consents::source_id)))
+        .filter(source_records::enterprise_id.eq_any(enterprise_ids))
+        .filter(consents::is_current.eq(1))
+        .filter(consents::status.eq("active"))
+        .select((source_records::enterprise_id, consents::rule))
+        .load(conn)?)
+}
