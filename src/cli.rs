@@ -221,6 +221,12 @@ pub enum OrgCommand {
 pub enum AuditCommand {
     /// Walk the whole hash chain and name the first broken record.
     Verify,
+    /// List break-the-glass accesses (ETREAT with a stated reason), newest first.
+    BreakGlass {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
 }
 
 /// Parses the command line, runs it, and turns errors into a message and exit status.
@@ -320,6 +326,7 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Certs(c) => certs_command(c, &config)?,
         Command::Org(c) => org_command(c, &config)?,
         Command::Audit(AuditCommand::Verify) => return audit_verify(&config),
+        Command::Audit(AuditCommand::BreakGlass { limit }) => audit_break_glass(&config, limit)?,
         Command::Import { org, file } => import(&config, &org, &file)?,
         Command::Mpi(c) => mpi_command(c, &config)?,
     }
@@ -505,6 +512,39 @@ fn org_command(c: OrgCommand, config: &Config) -> Result<()> {
             let org = orgs::add_cert(&mut conn, &OrgId::parse(&id)?, &info, &actor)?;
             println!("added certificate {} to '{}'", info.fingerprint, org.id);
         }
+    }
+    Ok(())
+}
+
+fn audit_break_glass(config: &Config, limit: i64) -> Result<()> {
+    let db = Db::open(&config.database)?;
+    let mut conn = db.get()?;
+    let found = db::audit::search(
+        &mut conn,
+        &db::audit::AuditFilter {
+            break_glass: Some(true),
+            ..Default::default()
+        },
+        limit.max(1),
+    )?;
+    if found.is_empty() {
+        println!("no break-the-glass accesses");
+    }
+    for c in found {
+        let r = &c.record;
+        println!(
+            "#{} {} org={} user={} role={} patient={} {} {} reason=\"{}\" outcome={}",
+            c.seq,
+            crate::time::to_instant(r.recorded_at),
+            r.org_id.as_deref().unwrap_or("-"),
+            r.user_id.as_deref().unwrap_or("-"),
+            r.user_role.as_deref().unwrap_or("-"),
+            r.patient.as_deref().unwrap_or("-"),
+            r.subtype,
+            r.entity.as_deref().unwrap_or("-"),
+            r.break_glass.as_deref().unwrap_or(""),
+            r.outcome_desc.as_deref().unwrap_or(&r.outcome),
+        );
     }
     Ok(())
 }

@@ -38,9 +38,19 @@ async fn send(
     url: &str,
     body: Option<&Value>,
 ) -> (u16, Value) {
+    send_as(client, method, url, body, "TREAT").await
+}
+
+async fn send_as(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+    purpose: &str,
+) -> (u16, Value) {
     let mut req = client
         .request(method, url)
-        .header("X-Purpose-Of-Use", "TREAT")
+        .header("X-Purpose-Of-Use", purpose)
         .header("X-User-Id", "dr-test");
     if let Some(b) = body {
         req = req
@@ -436,11 +446,12 @@ async fn register_find_retrieve(backend: Backend) {
 
     // Every retrieve is on the record, with the person it disclosed.
     let ops = r.ex.client(&r.ex.enroll("exchange-ops", "operator", &[]));
-    let (status, audit) = send(
+    let (status, audit) = send_as(
         &ops,
         reqwest::Method::GET,
         &r.ex.url("AuditEvent?_count=500"),
         None,
+        "HOPERAT",
     )
     .await;
     assert_eq!(status, 200, "{audit}");
@@ -892,11 +903,12 @@ async fn retrieve_failures(backend: Backend) {
 
     // Failures are audited too.
     let ops = r.ex.client(&r.ex.enroll("exchange-ops", "operator", &[]));
-    let (status, audit) = send(
+    let (status, audit) = send_as(
         &ops,
         reqwest::Method::GET,
         &r.ex.url("AuditEvent?_count=500"),
         None,
+        "HOPERAT",
     )
     .await;
     assert_eq!(status, 200, "{audit}");

@@ -125,9 +125,9 @@ fn render(state: &AppState, c: &ChainedRecord) -> Value {
     }
     if let Some(reason) = &r.break_glass {
         // BALP: break-the-glass is a purpose of the event, with the reason the clinician gave.
-        event["extension"]
-            .as_array_mut()
-            .map(|e| e.push(json!({ "url": exchange_system(state, "break-glass-reason"), "valueString": reason })));
+        if let Some(e) = event["extension"].as_array_mut() {
+            e.push(json!({ "url": exchange_system(state, "break-glass-reason"), "valueString": reason }))
+        }
     }
     if let Some(purpose) = &r.purpose {
         let display = PurposeOfUse::parse(purpose)
