@@ -525,6 +525,26 @@ async fn directives_on_every_read_path(backend: Backend) {
     )
     .await;
     assert_eq!(s, 404);
+    // A record another member feeds later joins the person, and their opt-out with it.
+    let (s, b, _) = call(
+        &r.er,
+        reqwest::Method::PUT,
+        &r.ex.url(&format!("Patient?identifier={ER}|E-1")),
+        "TREAT",
+        &[],
+        Some(&patient(
+            ER,
+            "E-1",
+            "Imogen",
+            "Castellano",
+            "1979-05-14",
+            "222-33-4444",
+        )),
+    )
+    .await;
+    assert!(s == 201, "{b}");
+    let (_, found) = get(&r.lab, &r, pdq, "TREAT").await;
+    assert_eq!(found["total"], 0, "{found}");
     // The other patient is untouched.
     let (_, q) = get(&r.lab, &r, "Patient?family=lindqvist", "TREAT").await;
     assert_eq!(q["total"], 1);

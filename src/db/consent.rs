@@ -16,6 +16,7 @@ pub struct ConsentRow {
     pub org_id: String,
     pub status: String,
     pub rule: String,
+    pub hides: String,
     pub resource: String,
     pub created_at: i64,
 }
@@ -30,6 +31,7 @@ pub struct NewConsent {
     pub org_id: String,
     pub status: String,
     pub rule: String,
+    pub hides: String,
     pub resource: String,
     pub created_at: i64,
 }
@@ -84,13 +86,64 @@ pub fn current_of_sources(conn: &mut DbConn, source_ids: &[i64]) -> Result<Vec<C
         .load(conn)?)
 }
 
-/// (enterprise id, rule JSON) of every active directive of these people.
+/// (enterprise id, rule JSON) of every active directive of these people. Two index lookups:
+/// their records by enterprise id, then the current directives of those records.
 pub fn active_rules_of(conn: &mut DbConn, enterprise_ids: &[i64]) -> Result<Vec<(i64, String)>> {
-    Ok(consents::table
-        .inner_join(source_records::table.on(source_records::id.eq(consents::source_id)))
+    let records: Vec<(i64, i64)> = source_records::table
         .filter(source_records::enterprise_id.eq_any(enterprise_ids))
+        .select((source_records::id, source_records::enterprise_id))
+        .load(conn)?;
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = records.iter().map(|r| r.0).collect();
+    let rules: Vec<(i64, String)> = consents::table
+        .filter(consents::source_id.eq_any(ids))
         .filter(consents::is_current.eq(1))
         .filter(consents::status.eq("active"))
-        .select((source_records::enterprise_id, consents::rule))
-        .load(conn)?)
+        .select((consents::source_id, consents::rule))
+        .load(conn)?;
+    Ok(rules
+        .into_iter()
+        .filter_map(|(sid, rule)| records.iter().find(|r| r.0 == sid).map(|r| (r.1, rule)))
+        .collect())
+}
+
+/// Copies what a person's active directives hide (`*`, `,a,b,` or empty) onto each of their
+/// records. Called after every consent change and every link change of the person.
+pub fn refresh_hides(conn: &mut DbConn, enterprise_id: i64) -> Result<()> {
+    let ids: Vec<i64> = source_records::table
+        .filter(source_records::enterprise_id.eq(enterprise_id))
+        .select(source_records::id)
+        .load(conn)?;
+    let hides: Vec<String> = consents::table
+        .filter(consents::source_id.eq_any(&ids))
+        .filter(consents::is_current.eq(1))
+        .filter(consents::status.eq("active"))
+        .select(consents::hides)
+        .load(conn)?;
+    let value = if hides.iter().any(|h| h == "*") {
+        "*".to_string()
+    } else {
+        let mut orgs: Vec<&str> = hides
+            .iter()
+            .flat_map(|h| h.split(','))
+            .filter(|o| !o.is_empty())
+            .collect();
+        orgs.sort_unstable();
+        orgs.dedup();
+        if orgs.is_empty() {
+            String::new()
+        } else {
+            format!(",{},", orgs.join(","))
+        }
+    };
+    diesel::update(
+        source_records::table
+            .filter(source_records::enterprise_id.eq(enterprise_id))
+            .filter(source_records::consent_hides.ne(&value)),
+    )
+    .set(source_records::consent_hides.eq(&value))
+    .execute(conn)?;
+    Ok(())
 }

@@ -34,6 +34,8 @@ pub struct SourceRow {
     pub demographics: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// What the person's consent hides (see `db::consent::refresh_hides`).
+    pub consent_hides: String,
 }
 
 /// The searchable and matchable content of a source record.
@@ -549,6 +551,16 @@ pub struct PdqCriteria {
     pub phone: Option<String>,
     /// Restrict to these source records (from an identifier search).
     pub source_ids: Option<Vec<i64>>,
+    /// Leave out the people whose consent hides them from this requester.
+    pub hidden_from: Option<HiddenFrom>,
+}
+
+/// Consent, as PDQm applies it in SQL: people with an active directive that hides them from
+/// `org`, and (unless break-the-glass overrides it) people who opted out.
+#[derive(Debug, Clone, Default)]
+pub struct HiddenFrom {
+    pub org: String,
+    pub opted_out: bool,
 }
 
 fn pdq_query<'a>(c: &'a PdqCriteria) -> source_records::BoxedQuery<'a, super::MultiBackend> {
@@ -590,6 +602,16 @@ fn pdq_query<'a>(c: &'a PdqCriteria) -> source_records::BoxedQuery<'a, super::Mu
     }
     if let Some(ids) = &c.source_ids {
         q = q.filter(source_records::id.eq_any(ids.clone()));
+    }
+    if let Some(h) = &c.hidden_from {
+        if h.opted_out {
+            q = q.filter(source_records::consent_hides.ne("*"));
+        }
+        if !h.org.is_empty() {
+            q = q.filter(diesel::dsl::not(
+                source_records::consent_hides.like(format!("%,{},%", h.org)),
+            ));
+        }
     }
     q
 }

@@ -104,6 +104,7 @@ diesel::table! {
         demographics -> Text,
         created_at -> BigInt,
         updated_at -> BigInt,
+        consent_hides -> Text,
     }
 }
 
@@ -220,6 +221,7 @@ diesel::table! {
         org_id -> Text,
         status -> Text,
         rule -> Text,
+        hides -> Text,
         resource -> Text,
         created_at -> BigInt,
     }

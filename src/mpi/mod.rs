@@ -741,7 +741,9 @@ pub fn rebuild_golden(conn: &mut DbConn, eid: i64, now: i64) -> Result<()> {
             golden.insert(key.into(), v.clone());
         }
     }
-    store::set_golden(conn, eid, &Value::Object(golden).to_string(), now)
+    store::set_golden(conn, eid, &Value::Object(golden).to_string(), now)?;
+    // Records that joined or left the person take the person's consent with them.
+    crate::db::consent::refresh_hides(conn, eid)
 }
 
 /// A person as the exchange knows them: golden demographics, every identifier, every record.

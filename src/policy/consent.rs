@@ -33,6 +33,20 @@ pub struct Rule {
     pub labels: Vec<String>,
 }
 
+impl Rule {
+    /// Whom an active directive hides the person from: `*` (everyone: opted out),
+    /// `,a,b,` (those organisations) or empty.
+    pub fn hides(&self) -> String {
+        if self.permit || !self.labels.is_empty() {
+            String::new()
+        } else if self.actors.is_empty() {
+            "*".into()
+        } else {
+            format!(",{},", self.actors.join(","))
+        }
+    }
+}
+
 /// What one requester may see of one person.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Access {

@@ -1,2 +1,3 @@
+ALTER TABLE source_records DROP COLUMN consent_hides;
 DROP TABLE consents;
 ALTER TABLE audit_events DROP COLUMN break_glass;

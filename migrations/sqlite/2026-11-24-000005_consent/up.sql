@@ -10,6 +10,9 @@ CREATE TABLE consents (
     org_id TEXT NOT NULL REFERENCES organizations(id),
     status TEXT NOT NULL,
     rule TEXT NOT NULL,
+    -- Whom the directive hides the person from: '*' (opted out), ',org-a,org-b,' (organisations
+    -- denied) or '' (nothing hidden: a permit or a category restriction).
+    hides TEXT NOT NULL,
     resource TEXT NOT NULL,
     created_at BIGINT NOT NULL,
     UNIQUE (consent_id, version)
@@ -19,3 +22,8 @@ CREATE INDEX consents_source ON consents(source_id, is_current);
 -- Break-the-glass accesses carry the stated reason (NULL otherwise); part of the hash chain
 -- only when present, so earlier records verify unchanged.
 ALTER TABLE audit_events ADD COLUMN break_glass TEXT;
+
+-- The union of what the person's active directives hide, copied onto each of their records
+-- (kept current on every consent change and every link change), so that PDQm leaves hidden
+-- people out with a plain column test before counting and paging.
+ALTER TABLE source_records ADD COLUMN consent_hides TEXT NOT NULL DEFAULT '';

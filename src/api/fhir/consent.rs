@@ -234,6 +234,7 @@ async fn write(
                     org_id: org.id.to_string(),
                     status: directive.status.clone(),
                     rule: serde_json::to_string(&directive.rule).map_err(|e| Error::internal(e.to_string()))?,
+                    hides: if directive.status == "active" { directive.rule.hides() } else { String::new() },
                     resource: stored(&resource, &directive, source_id).to_string(),
                     created_at: now,
                 },
@@ -252,6 +253,7 @@ async fn write(
                     ),
                 );
             crate::db::audit::append(c, &[record])?;
+            crate::db::consent::refresh_hides(c, eid)?;
             store::current(c, consent_id)?.ok_or_else(|| Error::internal("consent vanished"))
         })
         .await?;

@@ -31,6 +31,23 @@ impl Asker {
         }
     }
 
+    /// The consent filter PDQm applies in SQL; None under the opt-in model, where only the
+    /// people who said yes may be shown (checked person by person instead).
+    pub fn hidden_from(&self) -> Option<crate::db::mpi::HiddenFrom> {
+        if self.model == ConsentModel::OptIn {
+            return None;
+        }
+        Some(crate::db::mpi::HiddenFrom {
+            // Break-the-glass overrides organisation denials ('' matches no directive).
+            org: if self.break_glass {
+                String::new()
+            } else {
+                self.org.clone()
+            },
+            opted_out: !(self.break_glass && self.break_glass_overrides_opt_out),
+        })
+    }
+
     /// What the requester may see of each of these people.
     pub fn access(&self, conn: &mut DbConn, eids: &[i64]) -> Result<HashMap<i64, Access>> {
         let mut rules: HashMap<i64, Vec<Rule>> = HashMap::new();

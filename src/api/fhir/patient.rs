@@ -16,8 +16,8 @@ use crate::error::{Error, Result};
 use crate::mpi::{self, normalize, person_ref, source_ref, FeedRequest, Person};
 use crate::orgs::OrgType;
 
-/// PDQm considers at most this many matching people (consent is applied to all of them before
-/// paging); a search that matches more should be narrowed.
+/// Under the opt-in model PDQm considers at most this many matching people (consent is applied
+/// to each of them before paging); a search that matches more should be narrowed.
 const PDQ_POLICY_WINDOW: i64 = 1000;
 
 pub const MATCH_GRADE_URL: &str = "http://hl7.org/fhir/StructureDefinition/match-grade";
@@ -354,8 +354,15 @@ pub async fn search(
                     None => ids,
                 });
             }
-            // Consent is applied to every match before paging, so that totals and pages say
-            // nothing about who was withheld.
+            // Consent is applied to every match before counting and paging, so that totals and
+            // pages say nothing about who was withheld: in SQL under the opt-out model ...
+            if let Some(hidden) = asker.hidden_from() {
+                c.hidden_from = Some(hidden);
+                let (page, total) = crate::db::mpi::pdq_search(conn, &c, offset, count)?;
+                let (visible, break_glass) = asker.visible(conn, &page)?;
+                return Ok((mpi::people(conn, &visible)?, total, break_glass));
+            }
+            // ... and person by person under opt-in.
             let (all, _) = crate::db::mpi::pdq_search(conn, &c, 0, PDQ_POLICY_WINDOW)?;
             let (visible, break_glass) = asker.visible(conn, &all)?;
             let total = visible.len() as i64;
