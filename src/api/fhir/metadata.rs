@@ -122,8 +122,20 @@ pub async fn capability_statement(_member: Member, state: web::Data<AppState>) -
                     "interaction": [{ "code": "read" }]
                 },
                 {
+                    "type": "Consent",
+                    "documentation": "Patients' consent directives, recorded by a member acting on the patient's request (PATRQT) or by an operator; versioned (PUT needs If-Match). provision: deny (opt out), deny + actor (deny organisations), deny + securityLabel (restrict sensitive categories), permit (opt in). Enforced on every read path; ETREAT + X-Break-Glass-Reason overrides (flagged, audited).",
+                    "versioning": "versioned",
+                    "readHistory": true,
+                    "updateCreate": false,
+                    "interaction": [{ "code": "create" }, { "code": "update" }, { "code": "read" }, { "code": "history-instance" }, { "code": "search-type" }],
+                    "searchParam": [
+                        param("patient", "reference", "Patient/ent-N or Patient/src-N"),
+                        param("patient.identifier", "token", "system|value of any identifier linked to the person")
+                    ]
+                },
+                {
                     "type": "AuditEvent",
-                    "documentation": "Exchange operators only.",
+                    "documentation": "Exchange operators search the whole trail. A member holding a patient reads that patient's accounting of disclosures with purpose PATRQT and patient=.",
                     "interaction": [{ "code": "read" }, { "code": "search-type" }],
                     "searchParam": [
                         param("date", "date", "when recorded; prefixes ge, gt, le, lt, eq"),
@@ -133,7 +145,8 @@ pub async fn capability_statement(_member: Member, state: web::Data<AppState>) -
                         param("purpose", "token", "purpose of use code"),
                         param("outcome", "token", "0, 4, 8 or 12"),
                         param("action", "token", "C, R, U, D or E"),
-                        param("subtype", "token", "interaction or operator action")
+                        param("subtype", "token", "interaction or operator action"),
+                        param("break-glass", "token", "true: only break-the-glass accesses")
                     ]
                 }
             ]
