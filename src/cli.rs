@@ -89,6 +89,10 @@ pub enum Command {
         /// Misbehave on purpose: `invalid-json` answers searches with a body that is not JSON.
         #[arg(long, value_parser = ["invalid-json"])]
         fault: Option<String>,
+        /// Before serving, feed DIR/patients.ndjson and register DIR/documents.ndjson at this
+        /// broker FHIR base (e.g. https://localhost:8443/fhir), as this member.
+        #[arg(long)]
+        feed: Option<String>,
     },
 }
 
@@ -294,6 +298,7 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
             key,
             delay_ms,
             fault,
+            feed,
         } => {
             let (default_cert, default_key) = crate::member::default_paths(&config.certs.dir, &org);
             let options = crate::member::SimOptions {
@@ -306,6 +311,7 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
                 crl: config.certs.dir.join(certs::CRL),
                 delay: std::time::Duration::from_millis(delay_ms),
                 fault,
+                feed,
             };
             let system = actix_web::rt::System::new();
             system.block_on(crate::member::run(options))?;

@@ -227,27 +227,20 @@ fn document(
 ) -> Result<Value> {
     std::fs::write(dir.join("documents").join(name), text)
         .map_err(|e| Error::config(format!("write document: {e}")))?;
-    let (org, system) = (member.id, member.system);
-    let hash = openssl::base64::encode_block(&openssl::sha::sha1(text.as_bytes()));
-    let subject = json!({ "identifier": { "system": system, "value": mrn } });
-    Ok(
-        json!({ "resourceType": "Bundle", "type": "transaction", "entry": [
-        { "fullUrl": "urn:uuid:submission", "request": { "method": "POST", "url": "List" }, "resource": {
-            "resourceType": "List", "identifier": [{ "use": "usual", "value": format!("urn:demo:{org}:set:{name}") }],
-            "status": "current", "mode": "working", "subject": subject, "date": "2026-11-20T09:00:00Z",
-            "code": { "coding": [{ "system": crate::registry::LIST_TYPES, "code": "submissionset" }] },
-            "entry": [{ "item": { "reference": "urn:uuid:doc" } }] } },
-        { "fullUrl": "urn:uuid:doc", "request": { "method": "POST", "url": "DocumentReference" }, "resource": {
-            "resourceType": "DocumentReference", "masterIdentifier": { "value": format!("urn:demo:{org}:{name}") },
-            "status": "current", "subject": subject, "date": "2026-11-20T08:30:00Z",
-            "type": { "coding": [{ "system": "http://loinc.org", "code": category.0, "display": category.1 }] },
-            "category": [{ "coding": [{ "system": "http://loinc.org", "code": category.0, "display": category.1 }] }],
-            "author": [{ "reference": format!("Organization/{org}") }],
-            "securityLabel": [{ "coding": [{ "system": crate::registry::CONFIDENTIALITY, "code": "N" }] }],
-            "content": [{ "attachment": { "contentType": "text/plain", "url": format!("{base}/Binary/{name}"), "size": text.len(), "hash": hash, "title": category.1 },
-                          "format": { "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient" } }] } }
-    ] }),
-    )
+    let spec = crate::member::DocumentSpec {
+        file: name.into(),
+        patient: mrn.into(),
+        code: category.0.into(),
+        display: category.1.into(),
+        content_type: "text/plain".into(),
+    };
+    Ok(crate::member::submission(
+        member.id,
+        base,
+        member.system,
+        &spec,
+        text.as_bytes(),
+    ))
 }
 
 /// Runs the demo. With `once`, exits after the walk-through (status 1 if any step failed).

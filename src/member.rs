@@ -6,7 +6,11 @@
 //! DIR/documents/NAME      ->  GET {base}/Binary/NAME   (bytes; type from the file extension)
 //! DIR/patients.ndjson     ->  GET {base}/Patient?identifier=SYSTEM|VALUE
 //! DIR/resources.ndjson    ->  GET {base}/{Type}?patient.identifier=SYSTEM|VALUE[&_count=N]
+//! DIR/documents.ndjson    ->  what `--feed` registers: {"file", "patient" (MRN), "code", "display", "contentType"}
 //! ```
+//!
+//! With `--feed BROKER_BASE` it first feeds its patients to the broker (PIXm, in batch Bundles)
+//! and registers its documents (MHD ITI-65), with its own certificate, then serves.
 //!
 //! A resource belongs to the patient named by the identifier in its `subject` or `patient`.
 //! `--delay-ms` makes every answer late (a slow member); `--fault invalid-json` answers searches
@@ -35,6 +39,152 @@ pub struct SimOptions {
     pub crl: PathBuf,
     pub delay: Duration,
     pub fault: Option<String>,
+    /// The broker's FHIR base to feed patients and documents to before serving.
+    pub feed: Option<String>,
+}
+
+/// One line of DIR/documents.ndjson: a document file and what it is about.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DocumentSpec {
+    pub file: String,
+    /// The member's own MRN of the patient.
+    pub patient: String,
+    /// LOINC document type (also used as the class).
+    pub code: String,
+    pub display: String,
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+}
+
+fn default_content_type() -> String {
+    "text/plain".into()
+}
+
+/// An ITI-65 submission of one document held at `base`/Binary/FILE, about `system|patient`.
+pub fn submission(
+    org: &str,
+    base: &str,
+    system: &str,
+    spec: &DocumentSpec,
+    bytes: &[u8],
+) -> serde_json::Value {
+    let hash = openssl::base64::encode_block(&openssl::sha::sha1(bytes));
+    let subject = serde_json::json!({ "identifier": { "system": system, "value": spec.patient } });
+    let coded = serde_json::json!({ "coding": [{ "system": "http://loinc.org", "code": spec.code, "display": spec.display }] });
+    let now = crate::time::to_instant(crate::time::now_micros());
+    serde_json::json!({ "resourceType": "Bundle", "type": "transaction", "entry": [
+        { "fullUrl": "urn:uuid:submission", "request": { "method": "POST", "url": "List" }, "resource": {
+            "resourceType": "List", "identifier": [{ "use": "usual", "value": format!("urn:{org}:set:{}", spec.file) }],
+            "status": "current", "mode": "working", "subject": subject, "date": now,
+            "code": { "coding": [{ "system": crate::registry::LIST_TYPES, "code": "submissionset" }] },
+            "entry": [{ "item": { "reference": "urn:uuid:doc" } }] } },
+        { "fullUrl": "urn:uuid:doc", "request": { "method": "POST", "url": "DocumentReference" }, "resource": {
+            "resourceType": "DocumentReference", "masterIdentifier": { "value": format!("urn:{org}:{}", spec.file) },
+            "status": "current", "subject": subject, "date": now, "type": coded, "category": [coded],
+            "author": [{ "reference": format!("Organization/{org}") }],
+            "securityLabel": [{ "coding": [{ "system": crate::registry::CONFIDENTIALITY, "code": "N" }] }],
+            "content": [{ "attachment": { "contentType": spec.content_type, "url": format!("{base}/Binary/{}", spec.file),
+                                          "size": bytes.len(), "hash": hash, "title": spec.display },
+                          "format": { "code": "urn:ihe:iti:xds:2017:mimeTypeSufficient" } }] } }
+    ] })
+}
+
+/// Feeds the member's patients and registers its documents at the broker, as the member.
+async fn feed(options: &SimOptions, broker: &str, own_base: &str) -> Result<()> {
+    let tls = crate::tls::client_config(&options.ca, Some((&options.cert, &options.key)))?;
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| Error::config(format!("client: {e}")))?;
+    let broker = broker.trim_end_matches('/');
+    let post = |body: serde_json::Value| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .post(broker)
+                .header("X-Purpose-Of-Use", "TREAT")
+                .header("Content-Type", "application/fhir+json")
+                .body(body.to_string())
+                .send()
+                .await
+                .map_err(|e| {
+                    Error::config(format!(
+                        "the broker at {broker} could not be reached: {}",
+                        crate::outbound::describe(&e)
+                    ))
+                })?;
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            if status.is_success() {
+                Ok(body)
+            } else {
+                Err(Error::config(format!(
+                    "the broker answered {status}: {}",
+                    body["issue"][0]["diagnostics"]
+                )))
+            }
+        }
+    };
+    let patients = load_ndjson(&options.data.join("patients.ndjson"))?;
+    let mut system_of = HashMap::new();
+    for chunk in patients.chunks(500) {
+        let entries: Vec<serde_json::Value> = chunk
+            .iter()
+            .filter_map(|p| {
+                let id = &p["identifier"][0];
+                let (system, value) = (id["system"].as_str()?, id["value"].as_str()?);
+                system_of.insert(value.to_string(), system.to_string());
+                Some(serde_json::json!({ "resource": p, "request": { "method": "PUT", "url": format!("Patient?identifier={system}|{value}") } }))
+            })
+            .collect();
+        let answer = post(
+            serde_json::json!({ "resourceType": "Bundle", "type": "batch", "entry": entries }),
+        )
+        .await?;
+        let failed = answer["entry"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter(|x| {
+                        !x["response"]["status"]
+                            .as_str()
+                            .unwrap_or("")
+                            .starts_with('2')
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if failed > 0 {
+            tracing::warn!(failed, "some patients were refused by the broker");
+        }
+    }
+    let mut registered = 0;
+    for line in std::fs::read_to_string(options.data.join("documents.ndjson"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+    {
+        let spec: DocumentSpec = serde_json::from_str(line)
+            .map_err(|e| Error::config(format!("documents.ndjson: {e}")))?;
+        let bytes = std::fs::read(options.data.join("documents").join(&spec.file))
+            .map_err(|e| Error::config(format!("documents/{}: {e}", spec.file)))?;
+        let system = system_of.get(&spec.patient).ok_or_else(|| {
+            Error::config(format!(
+                "documents.ndjson: patient {} is not in patients.ndjson",
+                spec.patient
+            ))
+        })?;
+        post(submission(&options.org, own_base, system, &spec, &bytes)).await?;
+        registered += 1;
+    }
+    println!(
+        "member-sim: {} fed {} patients and registered {registered} documents at {broker}",
+        options.org,
+        patients.len()
+    );
+    Ok(())
 }
 
 struct SimState {
@@ -281,13 +431,18 @@ pub async fn run(options: SimOptions) -> Result<()> {
     .shutdown_timeout(1)
     .bind_rustls_0_23(options.listen, tls)
     .map_err(|e| Error::config(format!("cannot listen on {}: {e}", options.listen)))?;
-    for a in server.addrs() {
+    let addrs = server.addrs();
+    for a in &addrs {
         println!("member-sim: {} listening on https://{a}/fhir", options.org);
     }
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    server
-        .run()
+    let running = server.run();
+    if let (Some(broker), Some(addr)) = (&options.feed, addrs.first()) {
+        let own_base = format!("https://localhost:{}/fhir", addr.port());
+        feed(&options, broker, &own_base).await?;
+    }
+    running
         .await
         .map_err(|e| Error::internal(format!("member-sim stopped: {e}")))
 }

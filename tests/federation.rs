@@ -353,3 +353,120 @@ async fn federated_query(backend: Backend) {
     assert!(text.contains("not JSON"), "{text}");
 }
 on_both_backends!(federated_query);
+
+/// `hie member-sim --feed`: a member feeds its patients and registers its documents itself,
+/// then serves them; another member finds and retrieves them through the broker.
+async fn member_sim_feeds_the_broker(backend: Backend) {
+    use std::io::BufRead;
+    let ex = Exchange::start(&backend);
+    let hospital = ex.client(&ex.enroll(
+        "general-hospital",
+        "hospital",
+        &["--identifier-system", HOSP],
+    ));
+    ex.hie_ok(&[
+        "certs",
+        "issue",
+        "--org",
+        "city-lab",
+        "--server-name",
+        "localhost",
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let cert = ex.creds("city-lab").cert.to_string_lossy().into_owned();
+    ex.hie_ok(&[
+        "org",
+        "add",
+        "--id",
+        "city-lab",
+        "--name",
+        "City Lab",
+        "--type",
+        "lab",
+        "--cert",
+        &cert,
+        "--identifier-system",
+        LAB,
+        "--fhir-base",
+        &format!("https://localhost:{port}/fhir"),
+    ]);
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut g = Generator::new(9);
+    let people: Vec<Value> = (0..3)
+        .map(|i| to_patient(&g.person(), LAB, &format!("L-{i}")))
+        .collect();
+    std::fs::write(data.path().join("patients.ndjson"), ndjson(&people)).expect("patients");
+    std::fs::create_dir_all(data.path().join("documents")).expect("dir");
+    std::fs::write(
+        data.path().join("documents/cbc-1.txt"),
+        "CBC (synthetic): normal",
+    )
+    .expect("doc");
+    std::fs::write(
+        data.path().join("documents.ndjson"),
+        "{\"file\":\"cbc-1.txt\",\"patient\":\"L-1\",\"code\":\"11502-2\",\"display\":\"Laboratory report\"}\n",
+    )
+    .expect("documents.ndjson");
+    let mut child = std::process::Command::new(common::HIE)
+        .args([
+            "--config",
+            &ex.config_path.to_string_lossy(),
+            "member-sim",
+            "--org",
+            "city-lab",
+        ])
+        .args([
+            "--data",
+            &data.path().to_string_lossy(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--feed", &ex.base])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("member-sim");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let fed = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("registered"))
+        .unwrap_or_default();
+    std::thread::spawn(move || for _ in lines {});
+    assert!(
+        fed.contains("fed 3 patients and registered 1 documents"),
+        "{fed}"
+    );
+    let (status, docs) = get(
+        &hospital,
+        &ex.url(&format!("DocumentReference?patient.identifier={LAB}|L-1")),
+        "TREAT",
+    )
+    .await;
+    assert_eq!(
+        (status, docs["total"].clone()),
+        (200, serde_json::json!(1)),
+        "{docs}"
+    );
+    let url = docs["entry"][0]["resource"]["content"][0]["attachment"]["url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let bytes = hospital
+        .get(&url)
+        .header("X-Purpose-Of-Use", "TREAT")
+        .send()
+        .await
+        .expect("retrieve");
+    assert_eq!(
+        bytes.text().await.unwrap_or_default(),
+        "CBC (synthetic): normal"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+on_both_backends!(member_sim_feeds_the_broker);
