@@ -614,6 +614,58 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
 
     let stranger = &people[4];
     w.step(&format!(
+        "Months ago {} asked the hospital to keep their mental-health notes private: a Consent (PATRQT) restricting PSY",
+        name_of(stranger)
+    ));
+    let mut note = document(
+        &dir.join("members").join(MEMBERS[0].id),
+        &bases[0].clone().unwrap_or_default(),
+        &MEMBERS[0],
+        "H01004",
+        "psychiatry-note.txt",
+        "PSYCHIATRY NOTE (synthetic)\nAnxiety disorder, on sertraline 50 mg.\n",
+        ("11488-4", "Consult note"),
+    )?;
+    if let Some(labels) = note["entry"][1]["resource"]["securityLabel"].as_array_mut() {
+        labels.push(json!({ "coding": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY", "display": "psychiatry information sensitivity" }] }));
+    }
+    let (status, _) = w
+        .call(
+            &hospital,
+            reqwest::Method::POST,
+            "",
+            "TREAT",
+            Some(&note),
+            &[],
+        )
+        .await;
+    w.check(
+        status == 200,
+        "the hospital registered a psychiatry note labelled PSY",
+    );
+    let consent = json!({ "resourceType": "Consent", "status": "active",
+        "patient": { "identifier": { "system": MEMBERS[0].system, "value": "H01004" } },
+        "provision": { "type": "deny", "securityLabel": [{ "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PSY" }] } });
+    let (status, c) = w
+        .call(
+            &hospital,
+            reqwest::Method::POST,
+            "Consent",
+            "PATRQT",
+            Some(&consent),
+            &[],
+        )
+        .await;
+    w.check(
+        status == 201,
+        &format!(
+            "recorded as Consent/{} version {}",
+            c["id"].as_str().unwrap_or("?"),
+            c["meta"]["versionId"].as_str().unwrap_or("?")
+        ),
+    );
+
+    w.step(&format!(
         "County ER: an unconscious stranger, a {} born {}, surname overheard as '{}', postcode on a bus pass. $match on partial demographics",
         if stranger.gender == "female" { "woman" } else { "man" },
         stranger.birth_date,
@@ -658,7 +710,26 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
         ),
     );
 
-    w.step("The lab's system goes down; the ER opens the record under break-the-glass (ETREAT + X-Break-Glass-Reason) and gets what arrives within its emergency deadline");
+    w.step("The ER looks for the patient's documents: emergency treatment alone does not lift the patient's restriction; break-the-glass with a stated reason does, and is flagged");
+    let reason = [(
+        "X-Break-Glass-Reason",
+        "unconscious patient, no identification",
+    )];
+    let query = format!("DocumentReference?patient=Patient/{person}");
+    let (_, plain) = w
+        .call(&er, reqwest::Method::GET, &query, "ETREAT", None, &[])
+        .await;
+    let (_, glass) = w
+        .call(&er, reqwest::Method::GET, &query, "ETREAT", None, &reason)
+        .await;
+    let (n_plain, n_glass) = (
+        plain["total"].as_u64().unwrap_or(0),
+        glass["total"].as_u64().unwrap_or(0),
+    );
+    let marked = glass["meta"]["security"].to_string().contains("BTG");
+    w.check(n_glass == n_plain + 1 && marked, &format!("ETREAT: {n_plain} document(s); ETREAT + reason: {n_glass}, the answer marked BTG (break the glass)"));
+
+    w.step("The lab's system goes down; under break-the-glass the ER asks the region for everything and gets what arrives within its emergency deadline");
     procs.kill("city-lab");
     let t = Instant::now();
     let (status, all) = w
@@ -735,7 +806,7 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
         .cloned()
         .unwrap_or_default()
         .iter()
-        .take(6)
+        .take(8)
     {
         let r = &e["resource"];
         println!(
@@ -745,9 +816,14 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
             r["agent"][0]["who"]["identifier"]["value"]
                 .as_str()
                 .unwrap_or("?"),
-            r["purposeOfEvent"][0]["coding"][0]["code"]
-                .as_str()
-                .unwrap_or("?"),
+            r["purposeOfEvent"][0]["coding"]
+                .as_array()
+                .map(|cs| cs
+                    .iter()
+                    .filter_map(|c| c["code"].as_str())
+                    .collect::<Vec<_>>()
+                    .join("+"))
+                .unwrap_or_default(),
             r["outcomeDesc"].as_str().unwrap_or("")
         );
     }

@@ -306,6 +306,8 @@ async fn fan_out(
                 }
             }
         }
+        problems.sort();
+        problems.dedup();
         let outcome = if problems.is_empty() {
             Outcome::Success
         } else {
