@@ -7,46 +7,17 @@
 //!
 //! With --database-url postgres://… the database must be empty (the script makes a fresh one).
 
+mod support;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{arg, hie, percentile, HIE};
 
 use hie_broker::certs::{Authority, Validity};
 use hie_broker::ids::OrgId;
 use hie_broker::synth::{to_patient, Generator};
-
-const HIE: &str = env!("CARGO_BIN_EXE_hie");
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn hie(config: &Path, args: &[&str]) -> String {
-    let out = Command::new(HIE)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run hie");
-    assert!(
-        out.status.success(),
-        "hie {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn dir_size(path: &Path) -> u64 {
     std::fs::read_dir(path)

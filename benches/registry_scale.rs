@@ -7,12 +7,12 @@
 //! Patients are written straight into the MPI tables (this measures the registry, not matching;
 //! `mpi_scale` measures that). With --database-url postgres://… the database must be empty.
 
+mod support;
+
 use diesel::connection::SimpleConnection;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+use support::{arg, client, hie, machine, percentile, start};
 
 use hie_broker::audit::Actor;
 use hie_broker::certs::{Authority, Validity};
@@ -20,39 +20,8 @@ use hie_broker::config::DatabaseConfig;
 use hie_broker::db::{self, Db};
 use hie_broker::ids::OrgId;
 
-const HIE: &str = env!("CARGO_BIN_EXE_hie");
 const DOCS_PER_PATIENT: usize = 5;
 const CATEGORIES: [&str; 4] = ["11502-2", "18842-5", "11506-3", "34133-9"];
-
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-fn hie(config: &Path, args: &[&str]) -> String {
-    let out = Command::new(HIE)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run hie");
-    assert!(
-        out.status.success(),
-        "hie {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
 
 fn submission(patient: usize, base: &str) -> Value {
     let subject =
@@ -221,48 +190,14 @@ fn main() {
     drop(conn);
     drop(db);
 
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Command::new(HIE)
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("serve");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut port = String::new();
-    for line in lines.by_ref().map_while(Result::ok) {
-        if let Some(rest) = line.strip_prefix("hie: exchange listening on https://") {
-            port = rest
-                .split('/')
-                .next()
-                .and_then(|a| a.rsplit(':').next())
-                .unwrap_or_default()
-                .to_string();
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    let _child = KillOnDrop(child);
+    let (_broker, port) = start(&config, &["serve"]);
     let fhir = format!("https://localhost:{port}/fhir");
     let dir = certs.join("orgs").join("bench-clinic");
-    let tls = hie_broker::tls::client_config(
+    let client = client(
         &certs.join("ca.crt"),
-        Some((&dir.join("client.crt"), &dir.join("client.key"))),
-    )
-    .expect("tls");
-    let client = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("client");
+        &dir.join("client.crt"),
+        &dir.join("client.key"),
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -299,21 +234,5 @@ fn main() {
             );
         }
     });
-    println!(
-        "machine: {} cores, {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(
-                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
-                    .split(':')
-                    .nth(1)
-                    .unwrap_or("")
-                    .trim()
-                    .to_string())
-            )
-            .unwrap_or_default()
-    );
+    println!("machine: {}", machine());
 }

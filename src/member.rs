@@ -221,19 +221,26 @@ fn safe_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// Every answer: late when the member plays slow, and only to a client with a certificate.
+async fn admit(state: &SimState, req: &HttpRequest) -> Option<HttpResponse> {
+    if !state.options.delay.is_zero() {
+        tokio::time::sleep(state.options.delay).await;
+    }
+    req.conn_data::<PeerCert>().is_none().then(|| {
+        outcome(
+            actix_web::http::StatusCode::FORBIDDEN,
+            "client certificate required",
+        )
+    })
+}
+
 async fn binary(
     state: web::Data<SimState>,
     req: HttpRequest,
     name: web::Path<String>,
 ) -> HttpResponse {
-    if !state.options.delay.is_zero() {
-        tokio::time::sleep(state.options.delay).await;
-    }
-    if req.conn_data::<PeerCert>().is_none() {
-        return outcome(
-            actix_web::http::StatusCode::FORBIDDEN,
-            "client certificate required",
-        );
+    if let Some(refused) = admit(&state, &req).await {
+        return refused;
     }
     let name = name.into_inner();
     if !safe_name(&name) {
@@ -318,14 +325,8 @@ async fn search(
     req: HttpRequest,
     kind: web::Path<String>,
 ) -> HttpResponse {
-    if !state.options.delay.is_zero() {
-        tokio::time::sleep(state.options.delay).await;
-    }
-    if req.conn_data::<PeerCert>().is_none() {
-        return outcome(
-            actix_web::http::StatusCode::FORBIDDEN,
-            "client certificate required",
-        );
+    if let Some(refused) = admit(&state, &req).await {
+        return refused;
     }
     if state.options.fault.as_deref() == Some("invalid-json") {
         return HttpResponse::Ok()
