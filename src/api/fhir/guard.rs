@@ -31,6 +31,10 @@ impl Asker {
         }
     }
 
+    pub fn breaks_glass(&self) -> bool {
+        self.break_glass
+    }
+
     /// The consent filter PDQm applies in SQL; None under the opt-in model, where only the
     /// people who said yes may be shown (checked person by person instead).
     pub fn hidden_from(&self) -> Option<crate::db::mpi::HiddenFrom> {
