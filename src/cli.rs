@@ -211,6 +211,14 @@ pub enum OrgCommand {
     List,
     /// Suspend a member: its certificates stop working.
     Suspend { id: String },
+    /// Register or change a member's FHIR endpoint (https://…/fhir); --none removes it.
+    SetEndpoint {
+        id: String,
+        #[arg(long, required_unless_present = "none")]
+        fhir_base: Option<String>,
+        #[arg(long, conflicts_with = "fhir_base")]
+        none: bool,
+    },
     /// Re-activate a suspended member.
     Activate { id: String },
     /// Add another certificate to a member (rotation without downtime).
@@ -508,6 +516,14 @@ fn org_command(c: OrgCommand, config: &Config) -> Result<()> {
                 "suspended '{}': its certificates are refused from now on",
                 org.id
             );
+        }
+        OrgCommand::SetEndpoint { id, fhir_base, .. } => {
+            let org =
+                orgs::set_fhir_base(&mut conn, &OrgId::parse(&id)?, fhir_base.as_deref(), &actor)?;
+            match &org.fhir_base {
+                Some(b) => println!("'{}' now has the FHIR endpoint {b}", org.id),
+                None => println!("'{}' has no FHIR endpoint now", org.id),
+            }
         }
         OrgCommand::Activate { id } => {
             let org = orgs::set_status(&mut conn, &OrgId::parse(&id)?, OrgStatus::Active, &actor)?;

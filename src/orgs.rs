@@ -165,6 +165,30 @@ fn validate_identifier_system(system: &str) -> Result<()> {
     }
 }
 
+/// Registers (or, with None, removes) a member's FHIR endpoint: where the broker fetches its
+/// documents and forwards queries to. Documents already registered keep their URLs.
+pub fn set_fhir_base(
+    conn: &mut DbConn,
+    id: &OrgId,
+    base: Option<&str>,
+    actor: &Actor,
+) -> Result<Organization> {
+    let base = base.map(|b| b.trim_end_matches('/'));
+    if let Some(b) = base {
+        validate_fhir_base(b)?;
+    }
+    db::write_tx(conn, |conn| {
+        if !db::orgs::set_fhir_base(conn, id, base, crate::time::now_micros())? {
+            return Err(Error::not_found(format!("no organisation '{id}'")));
+        }
+        let record = AuditRecord::new(actor, "admin", Action::Update, "org-endpoint")
+            .entity(format!("Organization/{id}"))
+            .outcome(crate::audit::Outcome::Success, base.unwrap_or("(none)"));
+        db::audit::append(conn, &[record])?;
+        db::orgs::get(conn, id)?.ok_or_else(|| Error::internal("organisation vanished"))
+    })
+}
+
 /// Onboards a member with its first certificate.
 pub fn add(
     conn: &mut DbConn,

@@ -412,6 +412,20 @@ async fn member_sim_feeds_the_broker(backend: Backend) {
         &cert,
         "--identifier-system",
         LAB,
+    ]);
+    // The endpoint is registered (or changed) after onboarding; only https is accepted.
+    let refused = ex.hie(&[
+        "org",
+        "set-endpoint",
+        "city-lab",
+        "--fhir-base",
+        "http://localhost/fhir",
+    ]);
+    assert!(!refused.status.success());
+    ex.hie_ok(&[
+        "org",
+        "set-endpoint",
+        "city-lab",
         "--fhir-base",
         &format!("https://localhost:{port}/fhir"),
     ]);

@@ -107,6 +107,16 @@ pub fn set_status(conn: &mut DbConn, id: &OrgId, status: OrgStatus, now: i64) ->
     Ok(n > 0)
 }
 
+pub fn set_fhir_base(conn: &mut DbConn, id: &OrgId, base: Option<&str>, now: i64) -> Result<bool> {
+    let n = diesel::update(organizations::table.filter(organizations::id.eq(id.as_str())))
+        .set((
+            organizations::fhir_base.eq(base),
+            organizations::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(n > 0)
+}
+
 pub fn get(conn: &mut DbConn, id: &OrgId) -> Result<Option<Organization>> {
     let row: Option<OrgRow> = organizations::table
         .find(id.as_str())
