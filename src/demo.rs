@@ -197,6 +197,13 @@ impl Walk {
     }
 }
 
+impl Walk {
+    async fn get(&self, c: &reqwest::Client, path: &str, purpose: &str) -> (u16, Value) {
+        self.call(c, reqwest::Method::GET, path, purpose, None, &[])
+            .await
+    }
+}
+
 fn entries<'a>(b: &'a Value, mode: &str) -> Vec<&'a Value> {
     b["entry"]
         .as_array()
@@ -481,16 +488,13 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
 
     w.step("The hospital asks who this patient is elsewhere (PIXm ITI-83)");
     let (status, pix) = w
-        .call(
+        .get(
             &hospital,
-            reqwest::Method::GET,
             &format!(
                 "Patient/$ihe-pix?sourceIdentifier={}|{hosp_mrn}",
                 MEMBERS[0].system
             ),
             "TREAT",
-            None,
-            &[],
         )
         .await;
     let mut ids: Vec<String> = pix["parameter"]
@@ -522,16 +526,13 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
 
     w.step("The hospital finds the patient's documents across the region (MHD ITI-67) and retrieves the lab's report through the broker (ITI-68)");
     let (status, found) = w
-        .call(
+        .get(
             &hospital,
-            reqwest::Method::GET,
             &format!(
                 "DocumentReference?patient.identifier={}|{hosp_mrn}",
                 MEMBERS[0].system
             ),
             "TREAT",
-            None,
-            &[],
         )
         .await;
     let holders: Vec<String> = entries(&found, "match")
@@ -576,16 +577,13 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
 
     w.step("The hospital asks the region for the patient's lab results (federated query to the members that hold them)");
     let (status, obs) = w
-        .call(
+        .get(
             &hospital,
-            reqwest::Method::GET,
             &format!(
                 "federated/Observation?patient.identifier={}|{hosp_mrn}",
                 MEMBERS[0].system
             ),
             "TREAT",
-            None,
-            &[],
         )
         .await;
     let results: Vec<String> = entries(&obs, "match")
@@ -716,9 +714,7 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
         "unconscious patient, no identification",
     )];
     let query = format!("DocumentReference?patient=Patient/{person}");
-    let (_, plain) = w
-        .call(&er, reqwest::Method::GET, &query, "ETREAT", None, &[])
-        .await;
+    let (_, plain) = w.get(&er, &query, "ETREAT").await;
     let (_, glass) = w
         .call(&er, reqwest::Method::GET, &query, "ETREAT", None, &reason)
         .await;
@@ -787,13 +783,10 @@ pub async fn run(dir: PathBuf, once: bool) -> Result<bool> {
         "The exchange operator reviews who saw this person's record (audit trail, ATNA/BALP-style)",
     );
     let (status, audit) = w
-        .call(
+        .get(
             &ops,
-            reqwest::Method::GET,
             &format!("AuditEvent?patient=Patient/{person}&_count=50"),
             "HOPERAT",
-            None,
-            &[],
         )
         .await;
     let n = audit["entry"].as_array().map(Vec::len).unwrap_or(0);
