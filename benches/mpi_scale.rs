@@ -13,10 +13,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{arg, hie, percentile, HIE};
+use support::{arg, enroll, hie, percentile, HIE};
 
-use hie_broker::certs::{Authority, Validity};
-use hie_broker::ids::OrgId;
+use hie_broker::certs::Authority;
 use hie_broker::synth::{to_patient, Generator};
 
 fn dir_size(path: &Path) -> u64 {
@@ -69,33 +68,15 @@ fn main() {
         ),
     )
     .expect("config");
-    let ca = Authority::load(&certs).expect("ca");
     for (org, system) in [
         ("hospital-a", "urn:bench:a"),
         ("clinic-b", "urn:bench:b"),
         ("clinic-c", "urn:bench:c"),
     ] {
-        ca.issue_member(&OrgId::parse(org).expect("id"), Validity::days(30), &[], "")
-            .expect("issue");
-        let cert = certs.join("orgs").join(org).join("client.crt");
-        hie(
-            &config,
-            &[
-                "org",
-                "add",
-                "--id",
-                org,
-                "--name",
-                org,
-                "--type",
-                "hospital",
-                "--cert",
-                &cert.to_string_lossy(),
-                "--identifier-system",
-                system,
-            ],
-        );
+        enroll(&config, &certs, org, "hospital", Some(system), None);
     }
+    // The ER that runs $match under ETREAT (only emergency members may assert it).
+    enroll(&config, &certs, "county-er", "emergency", None, None);
 
     // Generate: everyone at hospital A, a fifth also at clinic B with errors.
     let mut g = Generator::new(20261124);
@@ -230,7 +211,7 @@ fn main() {
         println!("HTTP feed (PUT Patient, 8 concurrent mTLS clients): {:.0} records/s ({http_n} records)", http_n as f64 / secs);
 
         // $match and PDQm latency, one client, sequential, kept-alive.
-        let er = client("hospital-a");
+        let er = client("county-er");
         let mut match_ms = Vec::new();
         let mut pdq_ms = Vec::new();
         let mut qg = Generator::new(5);

@@ -8,7 +8,7 @@ mod support;
 use serde_json::{json, Value};
 use std::io::Write;
 use std::time::Instant;
-use support::{arg, client, hie, machine, percentile, start};
+use support::{arg, client, enroll, hie, machine, percentile, start};
 
 use hie_broker::synth::{to_patient, Generator};
 
@@ -37,20 +37,11 @@ fn main() {
     )
     .expect("config");
     for (org, kind, system) in [
-        ("hospital", "hospital", "urn:bench:h"),
-        ("lab", "lab", "urn:bench:l"),
-        ("ops", "operator", ""),
+        ("hospital", "hospital", Some("urn:bench:h")),
+        ("lab", "lab", Some("urn:bench:l")),
+        ("ops", "operator", None),
     ] {
-        hie(&config, &["certs", "issue", "--org", org]);
-        let cert = certs.join("orgs").join(org).join("client.crt");
-        let cert = cert.to_string_lossy();
-        let mut a = vec![
-            "org", "add", "--id", org, "--name", org, "--type", kind, "--cert", &cert,
-        ];
-        if !system.is_empty() {
-            a.extend(["--identifier-system", system]);
-        }
-        hie(&config, &a);
+        enroll(&config, &certs, org, kind, system, None);
     }
     let mut g = Generator::new(11);
     let people: Vec<_> = (0..n).map(|_| g.person()).collect();

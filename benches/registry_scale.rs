@@ -12,10 +12,10 @@ mod support;
 use diesel::connection::SimpleConnection;
 use serde_json::{json, Value};
 use std::time::Instant;
-use support::{arg, client, hie, machine, percentile, start};
+use support::{arg, client, enroll, machine, percentile, start};
 
 use hie_broker::audit::Actor;
-use hie_broker::certs::{Authority, Validity};
+use hie_broker::certs::Authority;
 use hie_broker::config::DatabaseConfig;
 use hie_broker::db::{self, Db};
 use hie_broker::ids::OrgId;
@@ -88,34 +88,12 @@ fn main() {
         ),
     )
     .expect("config");
-    let ca = Authority::load(&certs).expect("ca");
     let base = "https://localhost:1/fhir";
     for (org, system) in [
         ("bench-hospital", "urn:bench:h"),
         ("bench-clinic", "urn:bench:c"),
     ] {
-        ca.issue_member(&OrgId::parse(org).expect("id"), Validity::days(30), &[], "")
-            .expect("issue");
-        let cert = certs.join("orgs").join(org).join("client.crt");
-        hie(
-            &config,
-            &[
-                "org",
-                "add",
-                "--id",
-                org,
-                "--name",
-                org,
-                "--type",
-                "hospital",
-                "--cert",
-                &cert.to_string_lossy(),
-                "--identifier-system",
-                system,
-                "--fhir-base",
-                base,
-            ],
-        );
+        enroll(&config, &certs, org, "hospital", Some(system), Some(base));
     }
     let db = Db::open(&DatabaseConfig {
         url: db_url.clone(),

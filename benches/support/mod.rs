@@ -103,3 +103,32 @@ pub fn machine() -> String {
             .unwrap_or_default()
     )
 }
+
+/// Issues `org` a certificate (also a server certificate for localhost when it has a FHIR base)
+/// and enrolls it with `hie org add`.
+pub fn enroll(
+    config: &Path,
+    certs: &Path,
+    org: &str,
+    kind: &str,
+    system: Option<&str>,
+    fhir_base: Option<&str>,
+) {
+    let mut issue = vec!["certs", "issue", "--org", org];
+    if fhir_base.is_some() {
+        issue.extend(["--server-name", "localhost"]);
+    }
+    hie(config, &issue);
+    let cert = certs.join("orgs").join(org).join("client.crt");
+    let cert = cert.to_string_lossy();
+    let mut add = vec![
+        "org", "add", "--id", org, "--name", org, "--type", kind, "--cert", &cert,
+    ];
+    if let Some(s) = system {
+        add.extend(["--identifier-system", s]);
+    }
+    if let Some(b) = fhir_base {
+        add.extend(["--fhir-base", b]);
+    }
+    hie(config, &add);
+}
