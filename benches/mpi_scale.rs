@@ -3,7 +3,7 @@
 //! over mutual TLS: the HTTP feed with 8 concurrent clients, `$match` and PDQm latency,
 //! database size and memory.
 //!
-//!   cargo bench --bench mpi_scale -- [--records N] [--database-url URL] [--http-records M] [--queries Q]
+//!   cargo bench --bench mpi_scale -- [--records N] [--database-url URL] [--http-records M] [--queries Q] [--import-only [--keep]]
 //!
 //! With --database-url postgres://… the database must be empty (the script makes a fresh one).
 
@@ -129,6 +129,17 @@ fn main() {
         "bulk import (hie import): {:.0} records/s overall ({n} records in {import_secs:.0} s)",
         n as f64 / import_secs
     );
+    if args.iter().any(|a| a == "--import-only") {
+        if args.iter().any(|a| a == "--keep") {
+            println!("kept: {}", work.keep().display());
+            return;
+        }
+        if db_url.starts_with("sqlite") {
+            let mib = dir_size(&work.path().join("data")) as f64 / 1048576.0;
+            println!("database: {mib:.0} MiB");
+        }
+        return;
+    }
 
     // The running broker.
     struct KillOnDrop(std::process::Child);

@@ -50,6 +50,9 @@ pub enum Command {
         #[arg(long)]
         org: String,
         file: PathBuf,
+        /// Records per transaction (matched in order, written together).
+        #[arg(long, default_value_t = 50_000)]
+        batch: usize,
     },
     /// The master patient index: review queue, links, merges.
     #[command(subcommand)]
@@ -341,7 +344,7 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Org(c) => org_command(c, &config)?,
         Command::Audit(AuditCommand::Verify) => return audit_verify(&config),
         Command::Audit(AuditCommand::BreakGlass { limit }) => audit_break_glass(&config, limit)?,
-        Command::Import { org, file } => import(&config, &org, &file)?,
+        Command::Import { org, file, batch } => import(&config, &org, &file, batch.max(1))?,
         Command::Mpi(c) => mpi_command(c, &config)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -611,11 +614,18 @@ pub fn verify_chain(conn: &mut db::DbConn) -> Result<Verification> {
     })
 }
 
-fn import(config: &Config, org: &str, file: &std::path::Path) -> Result<()> {
+fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> Result<()> {
     use std::io::BufRead;
     let settings = crate::mpi::MpiSettings::from_config(config)?;
     let db = Db::open(&config.database)?;
     let mut conn = db.get()?;
+    if conn.is_sqlite() {
+        // The load touches index pages all over the file: keep them in memory for the run.
+        diesel::connection::SimpleConnection::batch_execute(
+            &mut *conn,
+            "PRAGMA cache_size = -1048576",
+        )?;
+    }
     let org = orgs::get(&mut conn, &OrgId::parse(org)?)?
         .ok_or_else(|| Error::not_found(format!("no organisation '{org}'")))?;
     let reader = std::io::BufReader::new(
@@ -626,40 +636,78 @@ fn import(config: &Config, org: &str, file: &std::path::Path) -> Result<()> {
     let started = std::time::Instant::now();
     let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
     let mut lines = reader.lines().enumerate().peekable();
-    let mut chunks = 0u64;
+    let mut batches = 0u64;
     while lines.peek().is_some() {
-        chunks += 1;
+        batches += 1;
         // A load into empty tables leaves PostgreSQL planning with the statistics of an empty
         // table (sequential scans for every candidate lookup); refresh them as the tables grow.
-        if !conn.is_sqlite() && (chunks == 2 || chunks % 4 == 0) {
+        if !conn.is_sqlite() && (batches == 2 || batches % 4 == 0) {
             diesel::connection::SimpleConnection::batch_execute(
                 &mut *conn,
                 "ANALYZE blocking_keys, source_records, source_identifiers, identities",
             )?;
         }
-        // Chunks of 5,000 records share one transaction (fewer page writes per record); each
-        // record is its own savepoint, so one bad line is reported and skipped alone.
-        let chunk: Vec<(usize, std::io::Result<String>)> = lines.by_ref().take(5000).collect();
-        diesel::Connection::transaction::<_, Error, _>(&mut *conn, |c| {
-            for (n, line) in chunk {
-                let line = line
-                    .map_err(|e| Error::invalid(format!("cannot read {}: {e}", file.display())))?;
-                if line.trim().is_empty() {
-                    continue;
+        // Each batch is one transaction; a line that is not a Patient is reported and skipped.
+        let mut numbers = Vec::new();
+        let mut patients = Vec::new();
+        for (n, line) in lines.by_ref().take(batch) {
+            let line =
+                line.map_err(|e| Error::invalid(format!("cannot read {}: {e}", file.display())))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(p) => {
+                    numbers.push(n + 1);
+                    patients.push(p);
                 }
-                match import_line(c, &settings, &org, &line, &actor) {
-                    Ok(r) => {
-                        ok += 1;
-                        linked += u64::from(r.outcome == "linked");
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("line {}: {e}", n + 1);
-                    }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("line {}: not JSON: {e}", n + 1);
                 }
             }
-            Ok(())
-        })?;
+        }
+        let first_line = numbers.first().copied().unwrap_or_default();
+        let last_line = numbers.last().copied().unwrap_or_default();
+        let results =
+            crate::mpi::bulk::feed_many(&mut conn, &settings, &org, patients, |c, rs| {
+                let fed: Vec<&crate::mpi::FeedResult> =
+                    rs.iter().filter_map(|r| r.as_ref().ok()).collect();
+                let record = crate::audit::AuditRecord::new(
+                    &actor,
+                    "admin",
+                    crate::audit::Action::Create,
+                    "patient-feed",
+                )
+                .entity(format!("Organization/{}", org.id))
+                .query(format!(
+                    "import {} lines {first_line}-{last_line}",
+                    file.display()
+                ))
+                .outcome(
+                    crate::audit::Outcome::Success,
+                    format!(
+                        "bulk import: {} record(s) fed ({} linked), {} refused; source records {}",
+                        fed.len(),
+                        fed.iter().filter(|r| r.outcome == "linked").count(),
+                        rs.len() - fed.len(),
+                        source_span(&fed)
+                    ),
+                );
+                db::audit::append(c, &[record]).map(|_| ())
+            })?;
+        for (n, r) in numbers.iter().zip(results) {
+            match r {
+                Ok(r) => {
+                    ok += 1;
+                    linked += u64::from(r.outcome == "linked");
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("line {n}: {e}");
+                }
+            }
+        }
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -670,40 +718,18 @@ fn import(config: &Config, org: &str, file: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn import_line(
-    c: &mut db::DbConn,
-    settings: &crate::mpi::MpiSettings,
-    org: &Organization,
-    line: &str,
-    actor: &Actor,
-) -> Result<crate::mpi::FeedResult> {
-    let patient: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| Error::invalid(format!("not JSON: {e}")))?;
-    let (system, value) = patient
-        .get("identifier")
-        .and_then(|i| i.as_array())
-        .and_then(|ids| {
-            ids.iter().find_map(|id| {
-                let s = id.get("system")?.as_str()?;
-                let v = id.get("value")?.as_str()?;
-                org.identifier_systems
-                    .iter()
-                    .any(|o| o == s)
-                    .then(|| (s.to_string(), v.to_string()))
-            })
-        })
-        .ok_or_else(|| Error::invalid("no identifier in a system this organisation owns"))?;
-    crate::mpi::feed(
-        c,
-        settings,
-        org,
-        &crate::mpi::FeedRequest {
-            system: &system,
-            value: &value,
-            patient: &patient,
-        },
-        actor,
-    )
+/// `src-A..src-B` for the audit trail of a bulk load.
+fn source_span(fed: &[&crate::mpi::FeedResult]) -> String {
+    let lo = fed.iter().map(|r| r.source_id).min();
+    let hi = fed.iter().map(|r| r.source_id).max();
+    match (lo, hi) {
+        (Some(lo), Some(hi)) => format!(
+            "{}..{}",
+            crate::mpi::source_ref(lo),
+            crate::mpi::source_ref(hi)
+        ),
+        _ => "none".into(),
+    }
 }
 
 fn parse_ref(s: &str, person: bool) -> Result<i64> {

@@ -1003,3 +1003,227 @@ async fn batch_bundles_and_bulk_import_feed_the_same_matching(backend: Backend) 
     assert!(weights.weight("birth_date", "exact") > 0.0, "{estimate}");
 }
 on_both_backends!(batch_bundles_and_bulk_import_feed_the_same_matching);
+
+#[derive(diesel::QueryableByName)]
+struct StoredRecord {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    eid: i64,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    status: String,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Counted {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    kind: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// The MPI as sets of records grouped by person (ids are not compared: only who is with whom),
+/// each record's status, and the review queue by kind.
+type Grouping = (
+    std::collections::BTreeSet<Vec<String>>,
+    Vec<(String, String)>,
+    Vec<(String, i64)>,
+);
+
+fn grouping(ex: &Exchange) -> Grouping {
+    use diesel::{Connection, RunQueryDsl};
+    let records_sql =
+        "SELECT system || '|' || value AS id, enterprise_id AS eid, status FROM source_records";
+    let reviews_sql = "SELECT kind, COUNT(*) AS n FROM match_reviews GROUP BY kind ORDER BY kind";
+    let (records, reviews): (Vec<StoredRecord>, Vec<Counted>) =
+        match ex.db_url.strip_prefix("sqlite://") {
+            Some(path) => {
+                let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
+                (
+                    diesel::sql_query(records_sql)
+                        .load(&mut c)
+                        .expect("records"),
+                    diesel::sql_query(reviews_sql)
+                        .load(&mut c)
+                        .expect("reviews"),
+                )
+            }
+            None => {
+                let mut c = diesel::PgConnection::establish(&ex.db_url).expect("open postgres");
+                (
+                    diesel::sql_query(records_sql)
+                        .load(&mut c)
+                        .expect("records"),
+                    diesel::sql_query(reviews_sql)
+                        .load(&mut c)
+                        .expect("reviews"),
+                )
+            }
+        };
+    let mut people: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
+    let mut statuses = Vec::new();
+    for r in records {
+        people.entry(r.eid).or_default().push(r.id.clone());
+        statuses.push((r.id, r.status));
+    }
+    statuses.sort();
+    let groups = people
+        .into_values()
+        .map(|mut g| {
+            g.sort();
+            g
+        })
+        .collect();
+    (
+        groups,
+        statuses,
+        reviews.into_iter().map(|c| (c.kind, c.n)).collect(),
+    )
+}
+
+/// `hie import` (the batch path) must decide exactly as the online feed does, record by record
+/// in file order: links across members, links and duplicate flags within the file, hazards kept
+/// apart, an identifier sent twice (an update), a merge, refused lines.
+async fn bulk_import_decides_as_the_online_feed_does(backend: Backend) {
+    use hie_broker::synth::{to_patient, Generator};
+    let second = match &backend {
+        Backend::Sqlite => Backend::Sqlite,
+        Backend::Postgres(_) => Backend::postgres().expect("a second PostgreSQL schema"),
+    };
+    let online = region(&backend);
+    let bulk = region(&second);
+
+    let mut g = Generator::new(7);
+    let people: Vec<_> = (0..120).map(|_| g.person()).collect();
+    let mut lab_lines = Vec::new();
+    let mut lines: Vec<Value> = Vec::new();
+    for (i, p) in people.iter().enumerate() {
+        lines.push(to_patient(p, HOSP, &format!("H-{i}")));
+        if i % 3 == 0 {
+            let v = g.variant(p);
+            lab_lines.push(to_patient(&v, LAB, &format!("L-{i}")));
+        }
+        if i % 12 == 5 {
+            // The same person registered twice at the hospital, later in the file.
+            let v = g.variant(p);
+            lines.push(to_patient(&v, HOSP, &format!("H-dup-{i}")));
+        }
+    }
+    // Twins, and a father and son: never linked.
+    lines.push(patient(
+        HOSP,
+        "T-1",
+        "Anna",
+        "Berg",
+        "2001-05-05",
+        "4 Main St",
+        "12345",
+        None,
+    ));
+    lines.push(patient(
+        HOSP,
+        "T-2",
+        "Emma",
+        "Berg",
+        "2001-05-05",
+        "4 Main St",
+        "12345",
+        None,
+    ));
+    lines.push(patient(
+        HOSP,
+        "J-1",
+        "John",
+        "Berg",
+        "1950-05-05",
+        "4 Main St",
+        "12345",
+        None,
+    ));
+    lines.push(patient(
+        HOSP,
+        "J-2",
+        "John",
+        "Berg",
+        "1979-09-12",
+        "4 Main St",
+        "12345",
+        None,
+    ));
+    // An identifier sent twice (the second is an update), and a merge of a duplicate.
+    let mut moved = lines[0].clone();
+    moved["address"][0]["line"][0] = json!("99 Moved Avenue");
+    lines.push(moved);
+    let mut merged = lines[1].clone();
+    merged["link"] = json!([{ "type": "replaced-by", "other": { "identifier": { "system": HOSP, "value": "H-2" } } }]);
+    lines.push(merged);
+    // Refused: another member's identifier system, and not a Patient.
+    lines.push(patient(
+        LAB,
+        "L-999",
+        "Foreign",
+        "Record",
+        "1990-01-01",
+        "1 A St",
+        "11111",
+        None,
+    ));
+    lines.push(json!({ "resourceType": "Observation" }));
+
+    // The lab's records first, online, in both regions.
+    for l in &lab_lines {
+        let mrn = l["identifier"][0]["value"].as_str().unwrap_or_default();
+        for r in [&online, &bulk] {
+            let (status, body, _) = put(&r.lab, &r.ex, LAB, mrn, l).await;
+            assert!(status == 200 || status == 201, "{status} {body}");
+        }
+    }
+    // The hospital's: one PUT at a time, or one file.
+    let mut refused_online = 0;
+    for l in &lines {
+        let mrn = l["identifier"][0]["value"].as_str().unwrap_or("none");
+        let (status, _, _) = put(&online.hospital, &online.ex, HOSP, mrn, l).await;
+        if status >= 400 {
+            refused_online += 1;
+        }
+    }
+    assert_eq!(refused_online, 2);
+    let file = bulk.ex.dir.path().join("hospital.ndjson");
+    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    std::fs::write(&file, text.join("\n") + "\n").expect("write");
+    let out = bulk.ex.hie_ok(&[
+        "import",
+        "--org",
+        "general-hospital",
+        "--batch",
+        "50",
+        &file.to_string_lossy(),
+    ]);
+    assert!(out.contains("2 refused"), "{out}");
+
+    let (a, b) = (grouping(&online.ex), grouping(&bulk.ex));
+    assert_eq!(a.1, b.1, "record statuses differ");
+    assert_eq!(a.0, b.0, "records are grouped into people differently");
+    assert_eq!(a.2, b.2, "review queues differ");
+    // The hazards stayed apart, the duplicates were found.
+    let together = |x: &str, y: &str| {
+        a.0.iter()
+            .any(|g| g.contains(&format!("{HOSP}|{x}")) && g.contains(&format!("{HOSP}|{y}")))
+    };
+    assert!(!together("T-1", "T-2") && !together("J-1", "J-2"));
+    assert!(together("H-5", "H-dup-5") && together("H-1", "H-2"));
+    assert!(
+        a.2.iter()
+            .any(|(k, n)| k == "potential-duplicate" && *n > 0),
+        "{:?}",
+        a.2
+    );
+    let linked =
+        a.0.iter()
+            .filter(|g| g.iter().any(|r| r.starts_with(LAB)))
+            .filter(|g| g.len() > 1)
+            .count();
+    assert!(linked >= 35, "{linked} of 40 lab records linked");
+    assert!(bulk.ex.hie_ok(&["audit", "verify"]).contains("intact"));
+}
+on_both_backends!(bulk_import_decides_as_the_online_feed_does);

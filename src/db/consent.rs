@@ -138,12 +138,17 @@ pub fn refresh_hides(conn: &mut DbConn, enterprise_id: i64) -> Result<()> {
             format!(",{},", orgs.join(","))
         }
     };
+    set_hides(conn, enterprise_id, &value)
+}
+
+/// Sets what consent hides on every record of a person.
+pub fn set_hides(conn: &mut DbConn, enterprise_id: i64, value: &str) -> Result<()> {
     diesel::update(
         source_records::table
             .filter(source_records::enterprise_id.eq(enterprise_id))
-            .filter(source_records::consent_hides.ne(&value)),
+            .filter(source_records::consent_hides.ne(value)),
     )
-    .set(source_records::consent_hides.eq(&value))
+    .set(source_records::consent_hides.eq(value))
     .execute(conn)?;
     Ok(())
 }

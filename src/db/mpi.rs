@@ -657,3 +657,265 @@ pub fn review_queue_kinds(conn: &mut DbConn) -> Result<(i64, i64)> {
         count(conn, "potential-duplicate")?,
     ))
 }
+
+// ---- Bulk loading: set-at-a-time reads and multi-row writes (see `mpi::bulk`). ----
+
+/// Rows per multi-row INSERT: well under SQLite's 32,766 and PostgreSQL's 65,535 bound
+/// parameters for the widest table.
+const ROWS_PER_INSERT: usize = 500;
+/// Values per `IN (…)` list.
+const VALUES_PER_LOOKUP: usize = 5000;
+
+/// Which of `values` are already stored under `system` (any status).
+pub fn existing_values(
+    conn: &mut DbConn,
+    system: &str,
+    values: &[&str],
+) -> Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for chunk in values.chunks(VALUES_PER_LOOKUP) {
+        let found: Vec<String> = source_records::table
+            .filter(source_records::system.eq(system))
+            .filter(source_records::value.eq_any(chunk))
+            .select(source_records::value)
+            .load(conn)?;
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+/// (key, source id) of every record filed under one of `keys`.
+pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(String, i64)>> {
+    let mut out = Vec::new();
+    for chunk in keys.chunks(VALUES_PER_LOOKUP) {
+        let rows: Vec<(String, i64)> = blocking_keys::table
+            .filter(blocking_keys::key.eq_any(chunk))
+            .select((blocking_keys::key, blocking_keys::source_id))
+            .load(conn)?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// (id, org, identity, demographics) of the active records among `ids`.
+pub fn matchable(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<(i64, String, i64, String)>> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(VALUES_PER_LOOKUP) {
+        let rows: Vec<(i64, String, i64, String)> = source_records::table
+            .filter(source_records::id.eq_any(chunk))
+            .filter(source_records::status.eq("active"))
+            .select((
+                source_records::id,
+                source_records::org_id,
+                source_records::enterprise_id,
+                source_records::demographics,
+            ))
+            .load(conn)?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// Tables whose ids a bulk load assigns itself.
+#[derive(Debug, Clone, Copy)]
+pub enum IdTable {
+    Identities,
+    SourceRecords,
+}
+
+impl IdTable {
+    fn name(self) -> &'static str {
+        match self {
+            IdTable::Identities => "identities",
+            IdTable::SourceRecords => "source_records",
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct NextId {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// `n` fresh ids for rows inserted with explicit ids, ascending. On SQLite this runs inside the
+/// write transaction (no other writer); AUTOINCREMENT's counter follows the explicit ids. On
+/// PostgreSQL the ids come from the table's sequence, as a single-row insert's would.
+pub fn allocate_ids(conn: &mut DbConn, table: IdTable, n: usize) -> Result<Vec<i64>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let t = table.name();
+    if conn.is_sqlite() {
+        let q = format!(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{t}'), 0), \
+             COALESCE((SELECT MAX(id) FROM {t}), 0)) AS n"
+        );
+        let base = diesel::sql_query(q).get_result::<NextId>(conn)?.n;
+        Ok((base + 1..=base + n as i64).collect())
+    } else {
+        let q = format!(
+            "SELECT nextval(pg_get_serial_sequence('{t}', 'id')) AS n FROM generate_series(1, {n})"
+        );
+        let mut ids: Vec<i64> = diesel::sql_query(q)
+            .load::<NextId>(conn)?
+            .into_iter()
+            .map(|r| r.n)
+            .collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+}
+
+/// A source record written by a bulk load, with the id it was allocated.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = source_records, treat_none_as_default_value = false)]
+pub struct NewSource {
+    pub id: i64,
+    pub org_id: String,
+    pub system: String,
+    pub value: String,
+    pub enterprise_id: i64,
+    pub status: String,
+    pub link_kind: String,
+    pub version: i64,
+    pub resource: String,
+    pub family: Option<String>,
+    pub given: Option<String>,
+    pub family_phonetic: Option<String>,
+    pub given_phonetic: Option<String>,
+    pub birth_date: Option<String>,
+    pub gender: Option<String>,
+    pub postcode: Option<String>,
+    pub phone: Option<String>,
+    pub demographics: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A decision of a bulk load.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = match_decisions, treat_none_as_default_value = false)]
+pub struct NewDecision {
+    pub source_id: i64,
+    pub candidate_id: Option<i64>,
+    pub outcome: String,
+    pub score: Option<f64>,
+    pub breakdown: String,
+    pub created_at: i64,
+}
+
+/// A review queued by a bulk load (the pair is new, so it cannot be queued already).
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = match_reviews)]
+pub struct NewReview {
+    pub source_a: i64,
+    pub source_b: i64,
+    pub kind: String,
+    pub score: f64,
+    pub breakdown: String,
+    pub status: String,
+    pub created_at: i64,
+}
+
+impl NewReview {
+    pub fn new(a: i64, b: i64, kind: &str, score: f64, breakdown: String, now: i64) -> NewReview {
+        let (source_a, source_b) = ordered(a, b);
+        NewReview {
+            source_a,
+            source_b,
+            kind: kind.into(),
+            score,
+            breakdown,
+            status: "open".into(),
+            created_at: now,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = identity_history, treat_none_as_default_value = false)]
+pub struct NewHistory {
+    pub enterprise_id: i64,
+    pub action: String,
+    pub detail: String,
+    pub actor: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = identities, treat_none_as_default_value = false)]
+pub struct NewIdentity {
+    pub id: i64,
+    pub status: String,
+    pub merged_into: Option<i64>,
+    pub golden: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// Everything a bulk load writes, inserted table by table with multi-row statements. Index
+/// entries (identifiers, blocking keys) are sorted first, so each index page is visited once.
+#[derive(Debug, Default)]
+pub struct BulkRows {
+    pub identities: Vec<NewIdentity>,
+    pub sources: Vec<NewSource>,
+    pub identifiers: Vec<(String, String, i64)>,
+    pub keys: Vec<(String, i64)>,
+    pub decisions: Vec<NewDecision>,
+    pub reviews: Vec<NewReview>,
+    pub history: Vec<NewHistory>,
+}
+
+/// Multi-row INSERT on the concrete connection (diesel's `MultiConnection` has no batch insert).
+macro_rules! multi_row {
+    ($conn:expr, $table:expr, $values:expr) => {
+        match $conn {
+            DbConn::Sqlite(c) => diesel::insert_into($table).values($values).execute(c)?,
+            DbConn::Postgresql(c) => diesel::insert_into($table).values($values).execute(c)?,
+        }
+    };
+}
+
+pub fn insert_bulk(conn: &mut DbConn, mut rows: BulkRows) -> Result<()> {
+    for c in rows.identities.chunks(ROWS_PER_INSERT) {
+        multi_row!(conn, identities::table, c);
+    }
+    for c in rows.sources.chunks(ROWS_PER_INSERT) {
+        multi_row!(conn, source_records::table, c);
+    }
+    rows.identifiers.sort_unstable();
+    rows.identifiers.dedup();
+    for c in rows.identifiers.chunks(ROWS_PER_INSERT) {
+        let values: Vec<_> = c
+            .iter()
+            .map(|(s, v, id)| {
+                (
+                    source_identifiers::system.eq(s),
+                    source_identifiers::value.eq(v),
+                    source_identifiers::source_id.eq(*id),
+                )
+            })
+            .collect();
+        multi_row!(conn, source_identifiers::table, values);
+    }
+    rows.keys.sort_unstable();
+    rows.keys.dedup();
+    for c in rows.keys.chunks(ROWS_PER_INSERT) {
+        let values: Vec<_> = c
+            .iter()
+            .map(|(k, id)| (blocking_keys::key.eq(k), blocking_keys::source_id.eq(*id)))
+            .collect();
+        multi_row!(conn, blocking_keys::table, values);
+    }
+    for c in rows.decisions.chunks(ROWS_PER_INSERT) {
+        multi_row!(conn, match_decisions::table, c);
+    }
+    for c in rows.reviews.chunks(ROWS_PER_INSERT) {
+        multi_row!(conn, match_reviews::table, c);
+    }
+    for c in rows.history.chunks(ROWS_PER_INSERT) {
+        multi_row!(conn, identity_history::table, c);
+    }
+    Ok(())
+}

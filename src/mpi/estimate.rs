@@ -33,7 +33,12 @@ fn pairs(conn: &mut DbConn, w: &Weights, sample: i64) -> Result<Vec<Vector>> {
                 continue;
             };
             let s = score::score(&a, &b, w);
-            out.push(s.fields.into_iter().map(|f| (f.field, f.level)).collect());
+            out.push(
+                s.fields
+                    .into_iter()
+                    .map(|f| (f.field.into_owned(), f.level.into_owned()))
+                    .collect(),
+            );
         }
     }
     Ok(out)

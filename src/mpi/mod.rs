@@ -4,6 +4,7 @@
 //! review, or given a new identity. Every decision keeps its score breakdown and is audited in
 //! the same transaction.
 
+pub mod bulk;
 pub mod estimate;
 pub mod nicknames;
 pub mod normalize;
@@ -113,22 +114,63 @@ pub struct Evaluation {
     pub merges: Vec<i64>,
 }
 
+/// A stored record as the matcher sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub id: i64,
+    pub org_id: String,
+    pub enterprise_id: i64,
+    pub demo: Demographics,
+}
+
+impl Candidate {
+    /// Records whose stored demographics cannot be read are left out (never matched).
+    pub fn of_rows(rows: &[SourceRow]) -> Vec<Candidate> {
+        rows.iter()
+            .filter_map(|r| {
+                Some(Candidate {
+                    id: r.id,
+                    org_id: r.org_id.clone(),
+                    enterprise_id: r.enterprise_id,
+                    demo: serde_json::from_str(&r.demographics).ok()?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl Evaluation {
+    /// The candidate the decision is explained by: the one linked to, else the best scored.
+    pub fn best(&self) -> Option<&Scored> {
+        self.link.as_ref().or(self.ranked.first())
+    }
+
+    /// `linked`, `review` or `new-identity`.
+    pub fn outcome(&self) -> &'static str {
+        match (&self.link, self.ambiguous, self.reviews.is_empty()) {
+            (Some(_), _, _) => "linked",
+            (None, true, _) | (None, false, false) => "review",
+            (None, false, true) => "new-identity",
+        }
+    }
+}
+
 /// Scores candidates and decides: link to one identity, queue reviews, or neither.
 /// A match with another record of the same member is linked when certain, and always flagged
 /// as a potential duplicate for that member to clean up in its own system.
-pub fn evaluate(
+pub fn evaluate<C: std::borrow::Borrow<Candidate>>(
     s: &MpiSettings,
     org_id: &str,
     demo: &Demographics,
-    candidates: &[SourceRow],
+    candidates: &[C],
     non_matches: &HashSet<i64>,
 ) -> Evaluation {
     let mut ranked: Vec<Scored> = candidates
         .iter()
+        .map(|c| c.borrow())
         .filter(|c| !non_matches.contains(&c.id))
         .filter_map(|c| {
-            let other: Demographics = serde_json::from_str(&c.demographics).ok()?;
-            let score = score::score(demo, &other, &s.weights);
+            let score = score::score(demo, &c.demo, &s.weights);
             (score.total >= s.thresholds.review).then(|| Scored {
                 source_id: c.id,
                 org_id: c.org_id.clone(),
@@ -150,8 +192,9 @@ pub fn evaluate(
     let demographics = |id: i64| {
         candidates
             .iter()
+            .map(|c| c.borrow())
             .find(|c| c.id == id)
-            .and_then(|c| serde_json::from_str::<Demographics>(&c.demographics).ok())
+            .map(|c| &c.demo)
     };
     let mut merges: Vec<i64> = Vec::new();
     let mut ambiguous = false;
@@ -164,7 +207,7 @@ pub fn evaluate(
             let together = best_demo
                 .as_ref()
                 .zip(demographics(other.source_id))
-                .map(|(a, b)| score::score(a, &b, &s.weights));
+                .map(|(a, b)| score::score(a, b, &s.weights));
             match together {
                 Some(t) if t.hazards.is_empty() && t.total >= s.thresholds.review => {
                     merges.push(other.enterprise_id)
@@ -385,13 +428,8 @@ pub fn feed(
     actor: &Actor,
 ) -> Result<FeedResult> {
     let ids = validate_feed(s, org, req)?;
-    let survivor = replaced_by(req.patient)?;
     db::write_tx(conn, |conn| {
-        let now = crate::time::now_micros();
-        let result = match &survivor {
-            Some(target) => merge_source(conn, s, org, req, target, &ids, now)?,
-            None => upsert(conn, s, org, req, &ids, now)?,
-        };
+        let result = feed_in(conn, s, org, req, &ids)?;
         let action = if result.created {
             Action::Create
         } else {
@@ -404,6 +442,21 @@ pub fn feed(
         db::audit::append(conn, &[record])?;
         Ok(result)
     })
+}
+
+/// The feed of one validated record, inside the caller's transaction, not audited.
+fn feed_in(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    org: &Organization,
+    req: &FeedRequest,
+    ids: &[(String, String)],
+) -> Result<FeedResult> {
+    let now = crate::time::now_micros();
+    match replaced_by(req.patient)? {
+        Some(target) => merge_source(conn, s, org, req, &target, ids, now),
+        None => upsert(conn, s, org, req, ids, now),
+    }
 }
 
 fn describe(r: &FeedResult) -> String {
@@ -442,6 +495,7 @@ fn upsert(
         None => {
             let candidates =
                 store::candidates(conn, &demo.blocking_keys(), None, s.max_candidates)?;
+            let candidates = Candidate::of_rows(&candidates);
             let eval = evaluate(s, org.id.as_str(), &demo, &candidates, &HashSet::new());
             let (eid, kind) = match &eval.link {
                 Some(l) => (l.enterprise_id, "auto"),
@@ -510,7 +564,7 @@ fn rematch(
     let old_eid = e.enterprise_id;
     let non_matches = store::non_matches_of(conn, e.id)?;
     let candidates = store::candidates(conn, &demo.blocking_keys(), Some(e.id), s.max_candidates)?;
-    let candidates: Vec<SourceRow> = candidates
+    let candidates: Vec<Candidate> = Candidate::of_rows(&candidates)
         .into_iter()
         .filter(|c| c.enterprise_id != old_eid)
         .collect();
@@ -548,13 +602,8 @@ fn rematch(
 
 /// Records the decision, queues reviews, rebuilds the golden record.
 fn apply(conn: &mut DbConn, sid: i64, eid: i64, eval: &Evaluation, now: i64) -> Result<FeedResult> {
-    let best = eval.link.as_ref().or(eval.ranked.first());
-    let outcome = match (&eval.link, eval.ambiguous, eval.reviews.is_empty()) {
-        (Some(_), _, _) => "linked",
-        (None, true, _) => "review",
-        (None, false, false) => "review",
-        (None, false, true) => "new-identity",
-    };
+    let best = eval.best();
+    let outcome = eval.outcome();
     let breakdown = best
         .map(|b| serde_json::to_string(&b.score).unwrap_or_default())
         .unwrap_or_else(|| "{}".into());
@@ -732,18 +781,23 @@ pub fn rebuild_golden(conn: &mut DbConn, eid: i64, now: i64) -> Result<()> {
         .iter()
         .filter_map(|m| serde_json::from_str(&m.resource).ok())
         .collect();
+    store::set_golden(conn, eid, &golden(&resources), now)?;
+    // Records that joined or left the person take the person's consent with them.
+    crate::db::consent::refresh_hides(conn, eid)
+}
+
+/// The golden record of member resources ordered by survivorship (most recent first).
+fn golden<V: std::borrow::Borrow<Value>>(resources: &[V]) -> String {
     let mut golden = serde_json::Map::new();
     for key in ["name", "gender", "birthDate", "address", "telecom"] {
         if let Some(v) = resources
             .iter()
-            .find_map(|r| r.get(key).filter(|v| !v.is_null()))
+            .find_map(|r| r.borrow().get(key).filter(|v| !v.is_null()))
         {
             golden.insert(key.into(), v.clone());
         }
     }
-    store::set_golden(conn, eid, &Value::Object(golden).to_string(), now)?;
-    // Records that joined or left the person take the person's consent with them.
-    crate::db::consent::refresh_hides(conn, eid)
+    Value::Object(golden).to_string()
 }
 
 /// A person as the exchange knows them: golden demographics, every identifier, every record.

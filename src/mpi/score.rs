@@ -4,8 +4,35 @@
 //! can never be auto-linked whatever the sum. Every score keeps its breakdown.
 
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use strsim::{damerau_levenshtein, jaro_winkler};
+use strsim::{jaro_winkler, osa_distance};
+
+/// Edits (insert, delete, substitute, swap adjacent) between two strings, counted up to 3:
+/// every level compares with at most 2. Most pairs differ by more; a byte-count bound tells
+/// without the dynamic programme.
+fn edits(a: &str, b: &str) -> usize {
+    if a == b {
+        return 0;
+    }
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    if x.len().abs_diff(y.len()) > 2 {
+        return 3;
+    }
+    let mut counts = [0i32; 256];
+    for &c in x {
+        counts[c as usize] += 1;
+    }
+    for &c in y {
+        counts[c as usize] -= 1;
+    }
+    // One edit changes the byte counts by at most 2 (a substitution: one down, one up).
+    let apart: i32 = counts.iter().map(|c| c.abs()).sum();
+    if apart > 4 {
+        return 3;
+    }
+    osa_distance(a, b).min(3)
+}
 
 use super::nicknames::are_nicknames;
 use super::normalize::{metaphone, Demographics};
@@ -17,6 +44,8 @@ pub const DEFAULT_WEIGHTS: &str = include_str!("../../config/match-weights.toml"
 #[derive(Debug, Clone)]
 pub struct Weights {
     table: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
+    /// log2(m/u) of each level, computed once.
+    logs: BTreeMap<String, BTreeMap<String, f64>>,
 }
 
 impl Weights {
@@ -32,21 +61,19 @@ impl Weights {
                 }
             }
         }
-        Ok(Weights { table })
+        Ok(Weights::from_table(table))
     }
 
     pub fn defaults() -> Weights {
         // The embedded table is checked by a unit test.
-        Self::parse(DEFAULT_WEIGHTS).unwrap_or(Weights {
-            table: BTreeMap::new(),
-        })
+        Self::parse(DEFAULT_WEIGHTS).unwrap_or_else(|_| Weights::from_table(BTreeMap::new()))
     }
 
     pub fn weight(&self, field: &str, level: &str) -> f64 {
-        self.table
+        self.logs
             .get(field)
             .and_then(|l| l.get(level))
-            .map(|(m, u)| (m / u).log2())
+            .copied()
             .unwrap_or(0.0)
     }
 
@@ -67,15 +94,25 @@ impl Weights {
     }
 
     pub fn from_table(table: BTreeMap<String, BTreeMap<String, (f64, f64)>>) -> Weights {
-        Weights { table }
+        let logs = table
+            .iter()
+            .map(|(field, levels)| {
+                let levels = levels
+                    .iter()
+                    .map(|(level, (m, u))| (level.clone(), (m / u).log2()))
+                    .collect();
+                (field.clone(), levels)
+            })
+            .collect();
+        Weights { table, logs }
     }
 }
 
 /// One field's contribution to a score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FieldScore {
-    pub field: String,
-    pub level: String,
+    pub field: Cow<'static, str>,
+    pub level: Cow<'static, str>,
     pub weight: f64,
 }
 
@@ -134,7 +171,7 @@ impl Score {
         self.fields
             .iter()
             .find(|f| f.field == field)
-            .map(|f| f.level.as_str())
+            .map(|f| f.level.as_ref())
     }
 }
 
@@ -166,7 +203,7 @@ fn string_level(a: &str, b: &str, with_phonetic: bool) -> &'static str {
     let jw = jaro_winkler(a, b);
     if jw >= 0.94 {
         "close"
-    } else if jw >= 0.86 || (a.len().min(b.len()) >= 5 && damerau_levenshtein(a, b) <= 2) {
+    } else if jw >= 0.86 || (a.len().min(b.len()) >= 5 && edits(a, b) <= 2) {
         "similar"
     } else if with_phonetic && metaphone(a) == metaphone(b) {
         "phonetic"
@@ -212,7 +249,7 @@ fn date_level(a: &str, b: &str) -> &'static str {
         return "transposed";
     }
     let differing = a.bytes().zip(b.bytes()).filter(|(x, y)| x != y).count();
-    if differing == 1 || (ya == yb && damerau_levenshtein(a, b) == 1) {
+    if differing == 1 || (ya == yb && edits(a, b) == 1) {
         return "typo";
     }
     let years_apart = ya
@@ -230,7 +267,7 @@ fn date_level(a: &str, b: &str) -> &'static str {
 fn edit_level(a: &str, b: &str, near: &'static str) -> &'static str {
     if a == b {
         "exact"
-    } else if damerau_levenshtein(a, b) == 1 {
+    } else if edits(a, b) == 1 {
         near
     } else {
         "disagree"
@@ -261,11 +298,11 @@ fn both<'a>(x: &'a Option<String>, y: &'a Option<String>) -> Option<(&'a str, &'
 /// Compares two records field by field.
 pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
     let mut fields = Vec::with_capacity(9);
-    let mut push = |field: &str, level: Option<&'static str>| {
+    let mut push = |field: &'static str, level: Option<&'static str>| {
         if let Some(level) = level {
             fields.push(FieldScore {
-                field: field.into(),
-                level: level.into(),
+                field: Cow::Borrowed(field),
+                level: Cow::Borrowed(level),
                 weight: w.weight(field, level),
             });
         }
@@ -309,14 +346,15 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
         both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")),
     );
     let shared = a.shared_ids.iter().find_map(|(sys, va)| {
-        b.shared_ids.iter().find(|(s, _)| s == sys).map(|(_, vb)| {
-            match damerau_levenshtein(va, vb) {
+        b.shared_ids
+            .iter()
+            .find(|(s, _)| s == sys)
+            .map(|(_, vb)| match edits(va, vb) {
                 0 => "exact",
                 1 => "typo",
                 2 if va.len() >= 6 => "similar",
                 _ => "disagree",
-            }
-        })
+            })
     });
     push("shared_id", shared);
 
@@ -324,14 +362,14 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
     // much as an exact street and a bit more.
     let address: f64 = fields
         .iter()
-        .filter(|f| ADDRESS.contains(&f.field.as_str()))
+        .filter(|f| ADDRESS.contains(&f.field.as_ref()))
         .map(|f| f.weight.max(0.0))
         .sum();
     let cap = 1.4 * w.weight("street", "exact");
     if address > cap {
         fields.push(FieldScore {
-            field: "address_cap".into(),
-            level: "correlated".into(),
+            field: Cow::Borrowed("address_cap"),
+            level: Cow::Borrowed("correlated"),
             weight: cap - address,
         });
     }
@@ -406,6 +444,16 @@ mod tests {
         let w = Weights::parse(DEFAULT_WEIGHTS).expect("weights");
         assert!(w.weight("birth_date", "exact") > 10.0);
         assert!(w.weight("given", "disagree") < -4.0);
+    }
+
+    #[test]
+    fn edits_are_counted_up_to_three() {
+        assert_eq!(edits("123456789", "123456789"), 0);
+        assert_eq!(edits("123456789", "123456798"), 1);
+        assert_eq!(edits("abc", "abd"), 1);
+        assert_eq!(edits("123456789", "234567891"), 2);
+        assert_eq!(edits("12345", "67890"), 3);
+        assert_eq!(edits("1", "12345"), 3);
     }
 
     #[test]
