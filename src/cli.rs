@@ -659,7 +659,7 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             match serde_json::from_str::<serde_json::Value>(&line) {
                 Ok(p) => {
                     numbers.push(n + 1);
-                    patients.push(p);
+                    patients.push(crate::mpi::bulk::Submission::from(p));
                 }
                 Err(e) => {
                     failed += 1;

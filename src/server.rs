@@ -86,12 +86,13 @@ pub async fn serve(config: Config) -> Result<()> {
     let config = Arc::new(config);
     let state = web::Data::new(AppState {
         config: Arc::clone(&config),
-        db,
+        db: db.clone(),
         auditor: auditor.clone(),
         trust: Arc::clone(&trust),
         limits: Arc::clone(&limits),
         identities: IdentityCache::new(Duration::from_millis(config.server.identity_cache_ms)),
         metrics,
+        feeds: crate::mpi::queue::FeedQueue::start(db.clone(), Arc::clone(&mpi)),
         mpi,
         federation: Arc::new(crate::federation::Federation::new(
             config.federation.clone(),

@@ -35,6 +35,8 @@ pub struct AppState {
     pub identities: IdentityCache,
     pub metrics: Metrics,
     pub mpi: Arc<crate::mpi::MpiSettings>,
+    /// The identity feed's batcher (ITI-104 PUTs).
+    pub feeds: crate::mpi::queue::FeedQueue,
     pub outbound: crate::outbound::Outbound,
     pub federation: Arc<crate::federation::Federation>,
 }

@@ -344,31 +344,67 @@ pub fn update_blocking_keys(
     Ok(())
 }
 
-/// Active records sharing at least one blocking key, newest first, at most `limit`.
+/// Records filed under one blocking key read at most: a crowded key (a common surname and
+/// birth year) adds nothing past this that the record's other keys do not find.
+pub const BUCKET_READ: i64 = 256;
+
+/// Active records sharing blocking keys with a record, ranked by `rank_candidates`, at most
+/// `limit`.
 pub fn candidates(
     conn: &mut DbConn,
     keys: &[String],
     exclude: Option<i64>,
     limit: i64,
 ) -> Result<Vec<SourceRow>> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
+    let mut buckets: Vec<Vec<i64>> = Vec::with_capacity(keys.len());
+    for key in keys {
+        // One key at a time, newest first along the primary key, so a crowded key costs
+        // BUCKET_READ entries and no more.
+        let mut ids: Vec<i64> = blocking_keys::table
+            .filter(blocking_keys::key.eq(key))
+            .order(blocking_keys::source_id.desc())
+            .select(blocking_keys::source_id)
+            .limit(BUCKET_READ)
+            .load(conn)?;
+        ids.retain(|id| Some(*id) != exclude);
+        buckets.push(ids);
     }
-    // A plain key lookup: with DISTINCT/ORDER BY/LIMIT in SQL, PostgreSQL's generic plan walks
-    // the source_id index and filters on key — a scan of the whole table per record.
-    let mut ids: Vec<i64> = blocking_keys::table
-        .filter(blocking_keys::key.eq_any(keys))
-        .select(blocking_keys::source_id)
-        .limit(limit.saturating_mul(4))
-        .load(conn)?;
-    ids.retain(|id| Some(*id) != exclude);
-    ids.sort_unstable_by(|a, b| b.cmp(a));
-    ids.dedup();
-    ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    Ok(source_records::table
+    let ids = rank_candidates(&buckets, usize::try_from(limit).unwrap_or(usize::MAX));
+    let mut rows: Vec<SourceRow> = source_records::table
         .filter(source_records::id.eq_any(&ids))
         .filter(source_records::status.eq("active"))
-        .load(conn)?)
+        .load(conn)?;
+    rows.sort_by_key(|r| ids.iter().position(|id| *id == r.id));
+    Ok(rows)
+}
+
+/// Buckets holding more records than this are crowded.
+pub const CROWDED: usize = 32;
+
+/// Candidates from the buckets of a record's blocking keys (record ids, larger = newer): those
+/// sharing more keys first, then the newest, at most `limit`. A record that shares a single
+/// key with the incoming one, and that key is crowded, is not a candidate: in a region of a
+/// million people "same sounding surname, same birth year" alone is no lead, and scoring every
+/// such record is what made matching slow at scale. Any second shared key makes it one.
+pub fn rank_candidates<B: AsRef<[i64]>>(buckets: &[B], limit: usize) -> Vec<i64> {
+    let mut found: std::collections::HashMap<i64, (usize, bool)> = Default::default();
+    for bucket in buckets {
+        let bucket = bucket.as_ref();
+        let crowded = bucket.len() > CROWDED;
+        for id in bucket {
+            let e = found.entry(*id).or_insert((0, true));
+            e.0 += 1;
+            e.1 &= crowded;
+        }
+    }
+    let mut ranked: Vec<(usize, i64)> = found
+        .into_iter()
+        .filter(|(_, (shared, crowded_only))| *shared > 1 || !crowded_only)
+        .map(|(id, (shared, _))| (shared, id))
+        .collect();
+    ranked.sort_unstable_by(|a, b| b.cmp(a));
+    ranked.truncate(limit);
+    ranked.into_iter().map(|(_, id)| id).collect()
 }
 
 pub fn non_matches_of(conn: &mut DbConn, source_id: i64) -> Result<HashSet<i64>> {

@@ -69,8 +69,29 @@ struct Prepared {
     merge: bool,
 }
 
-fn prepare(s: &MpiSettings, org: &Organization, patient: Value) -> Result<Prepared> {
-    let (system, value) = own_identifier(org, &patient)?;
+/// A Patient to feed, under the identifier named by the request (ITI-104's
+/// `Patient?identifier=`) or, when none is named, its first identifier in a system the
+/// member owns.
+pub struct Submission {
+    pub patient: Value,
+    pub under: Option<(String, String)>,
+}
+
+impl From<Value> for Submission {
+    fn from(patient: Value) -> Submission {
+        Submission {
+            patient,
+            under: None,
+        }
+    }
+}
+
+fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Prepared> {
+    let Submission { patient, under } = sub;
+    let (system, value) = match under {
+        Some(id) => id,
+        None => own_identifier(org, &patient)?,
+    };
     let raw_ids = validate_feed(
         s,
         org,
@@ -97,7 +118,11 @@ fn prepare(s: &MpiSettings, org: &Organization, patient: Value) -> Result<Prepar
 }
 
 /// Validation and normalisation on every core, in order.
-fn prepare_all(s: &MpiSettings, org: &Organization, patients: Vec<Value>) -> Vec<Result<Prepared>> {
+fn prepare_all(
+    s: &MpiSettings,
+    org: &Organization,
+    patients: Vec<Submission>,
+) -> Vec<Result<Prepared>> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -106,7 +131,7 @@ fn prepare_all(s: &MpiSettings, org: &Organization, patients: Vec<Value>) -> Vec
         return patients.into_iter().map(|p| prepare(s, org, p)).collect();
     }
     let per = patients.len().div_ceil(threads);
-    let mut parts: Vec<Vec<Value>> = Vec::new();
+    let mut parts: Vec<Vec<Submission>> = Vec::new();
     let mut rest = patients;
     while !rest.is_empty() {
         let tail = rest.split_off(per.min(rest.len()));
@@ -150,7 +175,7 @@ pub fn feed_many<A>(
     conn: &mut DbConn,
     s: &MpiSettings,
     org: &Organization,
-    patients: Vec<Value>,
+    patients: Vec<Submission>,
     audit: A,
 ) -> Result<Vec<Result<FeedResult>>>
 where
@@ -258,22 +283,20 @@ fn decide(
             stored_by_key[k].push(id);
         }
     }
-    // Per record, its stored candidates: newest first, at most `limit`.
-    let stored_ids: Vec<Vec<i64>> = record_keys
+    // Per record, its stored buckets (the batch's own records are added as it goes).
+    for b in &mut stored_by_key {
+        b.sort_unstable_by(|x, y| y.cmp(x));
+        b.truncate(store::BUCKET_READ as usize);
+    }
+    // The stored records any of them may be matched with: adding the batch's own records to
+    // the buckets only pushes stored ones down the ranking, never up.
+    let mut wanted: Vec<i64> = record_keys
         .iter()
-        .map(|ks| {
-            let mut ids: Vec<i64> = ks
-                .iter()
-                .flat_map(|&k| &stored_by_key[k])
-                .copied()
-                .collect();
-            ids.sort_unstable_by(|a, b| b.cmp(a));
-            ids.dedup();
-            ids.truncate(limit);
-            ids
+        .flat_map(|ks| {
+            let buckets: Vec<&[i64]> = ks.iter().map(|&k| stored_by_key[k].as_slice()).collect();
+            store::rank_candidates(&buckets, limit)
         })
         .collect();
-    let mut wanted: Vec<i64> = stored_ids.iter().flatten().copied().collect();
     wanted.sort_unstable();
     wanted.dedup();
     let stored: HashMap<i64, Candidate> = store::matchable(conn, &wanted)?
@@ -299,15 +322,28 @@ fn decide(
     let mut batch_by_key: Vec<Vec<usize>> = vec![Vec::new(); keys.len()];
     let mut new_identities = 0i64;
     let none = HashSet::new();
-    for (((pos, mut p), stored_ids), ks) in fresh.into_iter().zip(stored_ids).zip(record_keys) {
-        let mut local: Vec<usize> = ks.iter().flat_map(|&k| &batch_by_key[k]).copied().collect();
-        local.sort_unstable_by(|a, b| b.cmp(a));
-        local.dedup();
-        let cands: Vec<&Candidate> = local
+    for ((pos, mut p), ks) in fresh.into_iter().zip(record_keys) {
+        // Batch records rank as newer than any stored one.
+        let batch_id = |k: usize| i64::MAX / 2 + k as i64;
+        let buckets: Vec<Vec<i64>> = ks
             .iter()
-            .map(|&k| &batch[k])
-            .chain(stored_ids.iter().filter_map(|id| stored.get(id)))
-            .take(limit)
+            .map(|&k| {
+                let mut b: Vec<i64> = batch_by_key[k].iter().rev().map(|&j| batch_id(j)).collect();
+                b.extend(&stored_by_key[k]);
+                b.truncate(store::BUCKET_READ as usize);
+                b
+            })
+            .collect();
+        let ranked = store::rank_candidates(&buckets, limit);
+        let cands: Vec<&Candidate> = ranked
+            .iter()
+            .filter_map(|&id| {
+                if id >= i64::MAX / 2 {
+                    batch.get((id - i64::MAX / 2) as usize)
+                } else {
+                    stored.get(&id)
+                }
+            })
             .collect();
         let eval = evaluate(s, org.id.as_str(), &p.demo, &cands, &none);
         if !eval.merges.is_empty() {

@@ -8,6 +8,7 @@ pub mod bulk;
 pub mod estimate;
 pub mod nicknames;
 pub mod normalize;
+pub mod queue;
 pub mod score;
 
 use serde::Serialize;
@@ -430,18 +431,22 @@ pub fn feed(
     let ids = validate_feed(s, org, req)?;
     db::write_tx(conn, |conn| {
         let result = feed_in(conn, s, org, req, &ids)?;
-        let action = if result.created {
-            Action::Create
-        } else {
-            Action::Update
-        };
-        let record = AuditRecord::new(actor, "rest", action, "patient-feed")
-            .entity(format!("Patient/{}", source_ref(result.source_id)))
-            .patient(format!("Patient/{}", person_ref(result.enterprise_id)))
-            .outcome(crate::audit::Outcome::Success, describe(&result));
-        db::audit::append(conn, &[record])?;
+        db::audit::append(conn, &[feed_audit(actor, &result)])?;
         Ok(result)
     })
+}
+
+/// The audit record of one record fed.
+pub fn feed_audit(actor: &Actor, result: &FeedResult) -> AuditRecord {
+    let action = if result.created {
+        Action::Create
+    } else {
+        Action::Update
+    };
+    AuditRecord::new(actor, "rest", action, "patient-feed")
+        .entity(format!("Patient/{}", source_ref(result.source_id)))
+        .patient(format!("Patient/{}", person_ref(result.enterprise_id)))
+        .outcome(crate::audit::Outcome::Success, describe(result))
 }
 
 /// The feed of one validated record, inside the caller's transaction, not audited.

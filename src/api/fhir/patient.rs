@@ -150,22 +150,9 @@ pub async fn feed(
         "identifier",
     )?;
     let patient = parse_json(&body)?;
-    let org = ctx.org.clone();
-    let actor = ctx.actor();
-    let settings = state.mpi.clone();
     let (result, row) = state
-        .db
-        .write(move |c| {
-            let request = FeedRequest {
-                system: &system,
-                value: &value,
-                patient: &patient,
-            };
-            let r = mpi::feed(c, &settings, &org, &request, &actor)?;
-            let row = crate::db::mpi::get_source(c, r.source_id)?
-                .ok_or_else(|| Error::internal("record vanished"))?;
-            Ok((r, row))
-        })
+        .feeds
+        .feed((*ctx.org).clone(), system, value, patient, ctx.actor())
         .await?;
     let sid = result.source_id;
     let status = if result.created {
