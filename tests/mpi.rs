@@ -1227,3 +1227,67 @@ async fn bulk_import_decides_as_the_online_feed_does(backend: Backend) {
     assert!(bulk.ex.hie_ok(&["audit", "verify"]).contains("intact"));
 }
 on_both_backends!(bulk_import_decides_as_the_online_feed_does);
+
+/// Concurrent PUTs share the feed's batches: each is answered on its own (a refused one does
+/// not fail its neighbours), one identifier sent twice at once is one record, and every record
+/// fed is audited.
+async fn concurrent_feeds_are_answered_one_by_one(backend: Backend) {
+    let r = region(&backend);
+    let ex = &r.ex;
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        let (client, system, mrn) = if i % 2 == 0 {
+            (&r.hospital, HOSP, format!("C-{i}"))
+        } else {
+            (&r.lab, LAB, format!("C-{i}"))
+        };
+        let body = patient(
+            system,
+            &mrn,
+            &format!("Given{i}"),
+            "Concurrent",
+            "1990-01-01",
+            &format!("{i} Parallel St"),
+            "55555",
+            None,
+        );
+        calls.push(async move { put(client, ex, system, &mrn, &body).await });
+    }
+    // The lab feeding an identifier in the hospital's system, among them.
+    let foreign = patient(
+        HOSP,
+        "C-0",
+        "Mallory",
+        "Concurrent",
+        "1990-01-01",
+        "1 X St",
+        "55555",
+        None,
+    );
+    let same = patient(
+        LAB,
+        "C-1",
+        "Given1",
+        "Concurrent",
+        "1990-01-01",
+        "1 Parallel St",
+        "55555",
+        None,
+    );
+    let (results, refused, again) = tokio::join!(
+        futures_util::future::join_all(calls),
+        put(&r.lab, &r.ex, HOSP, "C-0", &foreign),
+        put(&r.lab, &r.ex, LAB, "C-1", &same),
+    );
+    for (status, body, outcome) in &results {
+        assert!(*status == 200 || *status == 201, "{status} {body}");
+        assert!(outcome.contains("ent-"), "{outcome}");
+    }
+    assert_eq!(refused.0, 403, "{}", refused.1);
+    assert!(again.0 == 200 || again.0 == 201, "{} {}", again.0, again.1);
+    let (g, _, _) = grouping(&r.ex);
+    let records: usize = g.iter().map(Vec::len).sum();
+    assert_eq!(records, 24, "{g:?}");
+    assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
+}
+on_both_backends!(concurrent_feeds_are_answered_one_by_one);

@@ -955,3 +955,21 @@ pub fn insert_bulk(conn: &mut DbConn, mut rows: BulkRows) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_sharing_more_keys_rank_first_and_crowded_keys_alone_find_nobody() {
+        let crowded: Vec<i64> = (100..140).collect();
+        let buckets = vec![crowded.clone(), vec![7, 120], vec![7, 9]];
+        let ranked = rank_candidates(&buckets, 10);
+        // 7 shares two keys, 120 shares the crowded key and another, 9 one uncrowded key;
+        // the rest of the crowded bucket is no lead.
+        assert_eq!(ranked, vec![120, 7, 9]);
+        assert_eq!(rank_candidates(&buckets, 1), vec![120]);
+        let small = vec![vec![1, 2, 3]];
+        assert_eq!(rank_candidates(&small, 10), vec![3, 2, 1]);
+    }
+}
