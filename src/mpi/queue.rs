@@ -160,7 +160,7 @@ fn feed_batch(c: &mut DbConn, s: &MpiSettings, jobs: Vec<Job>) -> Result<Vec<Ans
             .iter()
             .filter_map(|r| r.as_ref().ok().map(|r| r.source_id))
             .collect();
-        let mut rows: std::collections::HashMap<i64, SourceRow> = store::get_sources(c, &ids)?
+        let rows: std::collections::HashMap<i64, SourceRow> = store::get_sources(c, &ids)?
             .into_iter()
             .map(|row| (row.id, row))
             .collect();
@@ -174,7 +174,6 @@ fn feed_batch(c: &mut DbConn, s: &MpiSettings, jobs: Vec<Job>) -> Result<Vec<Ans
                 Ok((r, row))
             }));
         }
-        rows.clear();
     }
     Ok(answers
         .into_iter()
