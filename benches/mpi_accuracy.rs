@@ -178,7 +178,13 @@ fn run(dir: &Path, set: &str, with_ssn: bool) {
             println!("  false link: {} ~ {}", p.0, p.1);
         }
         let by_rec: HashMap<&String, i64> = source_of.iter().map(|(k, v)| (v, *k)).collect();
-        for p in truth.difference(&predicted).take(25) {
+        for p in truth.difference(&predicted).take(
+            if std::env::var("MPI_ACCURACY_VERBOSE").as_deref() == Ok("all") {
+                usize::MAX
+            } else {
+                25
+            },
+        ) {
             let mut demo = |rec: &String| -> mpi::normalize::Demographics {
                 let row = db::mpi::get_source(&mut conn, by_rec[rec])
                     .expect("get")
@@ -210,9 +216,12 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    let sets_value = args.iter().position(|a| a == "--sets").map(|i| i + 1);
     let dir = args
         .iter()
-        .find(|a| !a.starts_with("--"))
+        .enumerate()
+        .find(|(i, a)| !a.starts_with("--") && Some(*i) != sets_value)
+        .map(|(_, a)| a)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("../shared/data/febrl"));
     let sets: Vec<String> = args

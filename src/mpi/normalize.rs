@@ -278,6 +278,16 @@ impl Demographics {
             let (a, b) = if gi <= fi { (gi, fi) } else { (fi, gi) };
             keys.push(format!("pi:{p}:{a}{b}"));
         }
+        // Birth date and both initials, in either order: finds a record whose names were
+        // both mistyped past their first letter, or swapped and mistyped.
+        if let (Some(d), Some(gi), Some(fi)) = (
+            &self.birth_date,
+            initial(&self.given),
+            initial(&self.family),
+        ) {
+            let (a, b) = if gi <= fi { (gi, fi) } else { (fi, gi) };
+            keys.push(format!("di:{d}:{a}{b}"));
+        }
         if let (Some(d), Some(p)) = (&self.birth_date, &self.postcode) {
             keys.push(format!("dp:{d}:{p}"));
         }

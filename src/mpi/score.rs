@@ -249,16 +249,20 @@ fn date_level(a: &str, b: &str) -> &'static str {
         return "transposed";
     }
     let differing = a.bytes().zip(b.bytes()).filter(|(x, y)| x != y).count();
-    if differing == 1 || (ya == yb && edits(a, b) == 1) {
-        return "typo";
-    }
     let years_apart = ya
         .parse::<i32>()
         .ok()
         .zip(yb.parse::<i32>().ok())
         .map(|(x, y)| (x - y).abs())
         .unwrap_or(99);
-    if differing == 2 && years_apart < 12 {
+    // One digit apart, unless that digit moves the year by a generation (1950 / 1980 is a
+    // father and son as often as a typo).
+    // Two adjacent digits swapped, also across the month/day boundary (11-23 / 12-13).
+    let swapped = ya == yb && edits(&a.replace('-', ""), &b.replace('-', "")) == 1;
+    if (differing == 1 && years_apart < GENERATION_YEARS) || swapped {
+        return "typo";
+    }
+    if differing == 2 && years_apart < GENERATION_YEARS {
         return "similar";
     }
     "disagree"
@@ -310,14 +314,34 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
 
     let mut given = given_level(a, b);
     let mut family = both(&a.family, &b.family).map(|(x, y)| string_level(x, y, true));
-    // Given and family names swapped on one side.
-    if given == Some("disagree")
-        && family == Some("disagree")
-        && a.given == b.family
-        && a.family == b.given
-    {
-        given = Some("close");
-        family = Some("close");
+    // Given and family names swapped on one side, one of them possibly mistyped: each name is
+    // compared with the other side's other name, and counts a level lower than it would in place.
+    let unlike = |l: Option<&str>| matches!(l, Some("disagree") | Some("phonetic"));
+    if unlike(given) && unlike(family) {
+        let crossed = a
+            .given
+            .as_deref()
+            .zip(b.family.as_deref())
+            .map(|(x, y)| string_level(x, y, false))
+            .zip(
+                a.family
+                    .as_deref()
+                    .zip(b.given.as_deref())
+                    .map(|(x, y)| string_level(x, y, false)),
+            );
+        let lower = |l: &str| match l {
+            "exact" => Some("close"),
+            "close" | "similar" => Some("similar"),
+            _ => None,
+        };
+        if let Some((g, f)) = crossed {
+            if g == "exact" || f == "exact" {
+                if let (Some(g), Some(f)) = (lower(g), lower(f)) {
+                    given = Some(g);
+                    family = Some(f);
+                }
+            }
+        }
     }
     push("given", given);
     push("family", family);
@@ -383,23 +407,49 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
     Score { hazards, ..s }
 }
 
+/// Birth years this far apart are another generation (junior/senior, parent/child).
+const GENERATION_YEARS: i32 = 12;
+
+/// Whether two national/insurance ids that differ by a typo are numerically adjacent, as the
+/// numbers given to twins and triplets registered together often are.
+fn consecutive(a: &str, b: &str) -> bool {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(x), Ok(y)) => x.abs_diff(y) <= 5,
+        // Not numbers: no numbering to be consecutive in, but do not rely on that either.
+        _ => true,
+    }
+}
+
 fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
     let agrees = |field: &str| s.level(field).is_some_and(|l| AGREEING.contains(&l));
-    // A national id that matches exactly rules out twins (who often get consecutive numbers)
-    // and junior/senior; one that matches up to a typo still rules out junior/senior.
-    let id_exact = s.level("shared_id") == Some("exact");
+    let shared = s.level("shared_id");
+    // A national id that matches exactly rules out twins and junior/senior. One that matches up
+    // to a typo (a digit changed, two swapped) rules out junior/senior, and twins too unless
+    // the two numbers are adjacent: twins registered together often get consecutive numbers,
+    // but two different people's numbers one typo apart and not adjacent are one person's.
+    let id_rules_out_twin = match shared {
+        Some("exact") => true,
+        Some("typo") | Some("similar") => a.shared_ids.iter().any(|(sys, va)| {
+            b.shared_ids
+                .iter()
+                .any(|(sb, vb)| sb == sys && edits(va, vb) <= 2 && !consecutive(va, vb))
+        }),
+        _ => false,
+    };
     let mut out = Vec::new();
     let names_differ = matches!(s.level("given"), Some("disagree") | Some("phonetic"));
-    if names_differ && agrees("family") && s.level("birth_date") == Some("exact") && !id_exact {
+    if names_differ
+        && agrees("family")
+        && s.level("birth_date") == Some("exact")
+        && !id_rules_out_twin
+    {
         out.push(Hazard::Twin);
     }
-    let id_agrees = s
-        .level("shared_id")
-        .is_some_and(|l| ID_AGREEING.contains(&l));
+    let id_agrees = shared.is_some_and(|l| ID_AGREEING.contains(&l));
     if s.level("birth_date") == Some("disagree") && !id_agrees {
         let year = |d: &Demographics| d.birth_year().and_then(|y| y.parse::<i32>().ok());
         if let (Some(ya), Some(yb)) = (year(a), year(b)) {
-            if (ya - yb).abs() >= 12 {
+            if (ya - yb).abs() >= GENERATION_YEARS {
                 out.push(Hazard::Generation);
             }
         }
@@ -416,8 +466,15 @@ fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
     {
         out.push(Hazard::Uncorroborated);
     }
-    if s.level("shared_id") == Some("disagree")
-        && (names_differ || s.level("birth_date") != Some("exact"))
+    // Different national ids are only a hazard when the names or birth dates leave room for
+    // another person: a different first name, or a birth date that is missing or more than a
+    // typo (or swapped day and month) away.
+    if shared == Some("disagree")
+        && (names_differ
+            || !matches!(
+                s.level("birth_date"),
+                Some("exact") | Some("typo") | Some("transposed")
+            ))
     {
         out.push(Hazard::SharedIdConflict);
     }
@@ -461,6 +518,7 @@ mod tests {
         assert_eq!(date_level("1980-02-03", "1980-02-03"), "exact");
         assert_eq!(date_level("1980-02-03", "1980-03-02"), "transposed");
         assert_eq!(date_level("1980-02-03", "1980-02-08"), "typo");
+        assert_eq!(date_level("1939-11-23", "1939-12-13"), "typo");
         assert_eq!(date_level("1980-02-03", "1955-07-21"), "disagree");
     }
 
@@ -470,6 +528,74 @@ mod tests {
         let a = person("alice", "smith", "2001-05-05", "4 main street", "12345");
         let b = person("emily", "smith", "2001-05-05", "4 main street", "12345");
         assert!(score(&a, &b, &w).hazards.contains(&Hazard::Twin));
+    }
+
+    #[test]
+    fn a_national_id_one_typo_apart_rules_out_twins_unless_adjacent() {
+        let w = Weights::defaults();
+        let ssn = "http://hl7.org/fhir/sid/us-ssn".to_string();
+        let mut a = person("alice", "smith", "2001-05-05", "4 main street", "12345");
+        let mut b = person("emily", "smith", "2001-05-05", "4 main street", "12345");
+        a.shared_ids = vec![(ssn.clone(), "123456789".into())];
+        // Consecutive numbers, as twins registered together get: still twins.
+        b.shared_ids = vec![(ssn.clone(), "123456790".into())];
+        assert!(score(&a, &b, &w).hazards.contains(&Hazard::Twin));
+        // Two digits swapped in the middle: one person whose first name was mistyped.
+        b.shared_ids = vec![(ssn.clone(), "124356789".into())];
+        assert!(!score(&a, &b, &w).hazards.contains(&Hazard::Twin));
+        // Unrelated numbers: twins.
+        b.shared_ids = vec![(ssn, "987654321".into())];
+        assert!(score(&a, &b, &w).hazards.contains(&Hazard::Twin));
+    }
+
+    #[test]
+    fn swapped_and_mistyped_names_still_agree() {
+        let w = Weights::defaults();
+        let a = person(
+            "robin",
+            "morrison",
+            "1925-01-24",
+            "14 markham street",
+            "6169",
+        );
+        let b = person(
+            "morrion",
+            "robin",
+            "1925-01-24",
+            "14 markham street",
+            "6168",
+        );
+        let s = score(&a, &b, &w);
+        assert_eq!(s.level("given"), Some("close"), "{s:?}");
+        assert_eq!(s.level("family"), Some("similar"), "{s:?}");
+        assert!(s.hazards.is_empty() && s.total > 22.0, "{s:?}");
+        // Both blocking on birth date and initials, whatever their order.
+        let shared = a
+            .blocking_keys()
+            .into_iter()
+            .filter(|k| b.blocking_keys().contains(k))
+            .count();
+        assert!(shared > 0);
+        // One name in the other's place, the other unrelated: no agreement is made up.
+        let c = person(
+            "morrison",
+            "alfred",
+            "1925-01-24",
+            "14 markham street",
+            "6169",
+        );
+        assert_eq!(score(&a, &c, &w).level("given"), Some("disagree"));
+    }
+
+    #[test]
+    fn a_year_a_generation_apart_is_no_typo() {
+        assert_eq!(date_level("1950-05-05", "1980-05-05"), "disagree");
+        assert_eq!(date_level("1950-05-05", "1951-05-05"), "typo");
+        let w = Weights::defaults();
+        let a = person("john", "smith", "1950-05-05", "4 main street", "12345");
+        let b = person("john", "smith", "1980-05-05", "4 main street", "12345");
+        let s = score(&a, &b, &w);
+        assert!(s.hazards.contains(&Hazard::Generation), "{s:?}");
     }
 
     #[test]
