@@ -1291,3 +1291,80 @@ async fn concurrent_feeds_are_answered_one_by_one(backend: Backend) {
     assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
 }
 on_both_backends!(concurrent_feeds_are_answered_one_by_one);
+
+/// The re-keying migration that filed existing records under the birth date + initials key
+/// must file them exactly as `Demographics::blocking_keys` does for new ones: run it again on a
+/// loaded database whose `di:` keys were removed, and the same keys come back.
+async fn rekeying_migration_files_keys_as_the_code_does(backend: Backend) {
+    use diesel::{QueryDsl, RunQueryDsl, TextExpressionMethods};
+    use hie_broker::audit::Actor;
+    use hie_broker::db::schema::blocking_keys::dsl as bk;
+    use hie_broker::synth::{to_patient, Generator};
+    let work = tempfile::tempdir().expect("tempdir");
+    let (url, up) = match &backend {
+        Backend::Sqlite => (
+            format!("sqlite://{}", work.path().join("hie.db").display()),
+            include_str!("../migrations/sqlite/2026-11-24-000007_birth_date_initials_key/up.sql"),
+        ),
+        Backend::Postgres(url) => (
+            url.clone(),
+            include_str!("../migrations/postgres/2026-11-24-000007_birth_date_initials_key/up.sql"),
+        ),
+    };
+    let mut config = hie_broker::config::Config::load_with_env(None, |_| None).expect("config");
+    config.database.url = url;
+    let settings = hie_broker::mpi::MpiSettings::from_config(&config).expect("settings");
+    let db = hie_broker::db::Db::open(&config.database).expect("db");
+    let mut conn = db.get().expect("conn");
+    let org = hie_broker::orgs::add(
+        &mut conn,
+        hie_broker::orgs::NewOrganization {
+            id: hie_broker::ids::OrgId::parse("hospital-a").expect("id"),
+            name: "Hospital A".into(),
+            org_type: hie_broker::orgs::OrgType::Hospital,
+            fhir_base: None,
+            identifier_systems: vec!["urn:hospital-a".into()],
+        },
+        &hie_broker::certs::CertInfo {
+            fingerprint: hie_broker::ids::Fingerprint::of_der(b"hospital-a"),
+            subject: "CN=hospital-a".into(),
+            issuer: "CN=test".into(),
+            serial: "01".into(),
+            not_before: 0,
+            not_after: i64::MAX,
+        },
+        &Actor::cli(),
+    )
+    .expect("org");
+    let mut g = Generator::new(7);
+    for i in 0..60 {
+        let p = to_patient(&g.person(), "urn:hospital-a", &format!("MRN-{i}"));
+        let value = format!("MRN-{i}");
+        let req = hie_broker::mpi::FeedRequest {
+            system: "urn:hospital-a",
+            value: &value,
+            patient: &p,
+        };
+        hie_broker::mpi::feed(&mut conn, &settings, &org, &req, &Actor::cli()).expect("feed");
+    }
+    let di_keys = |conn: &mut hie_broker::db::PooledConn| {
+        let mut keys: Vec<(String, i64)> = bk::blocking_keys
+            .filter(bk::key.like("di:%"))
+            .select((bk::key, bk::source_id))
+            .load(&mut **conn)
+            .expect("keys");
+        keys.sort();
+        keys
+    };
+    let filed = di_keys(&mut conn);
+    assert!(filed.len() >= 55, "{filed:?}");
+    diesel::delete(bk::blocking_keys.filter(bk::key.like("di:%")))
+        .execute(&mut *conn)
+        .expect("delete");
+    assert!(di_keys(&mut conn).is_empty());
+    diesel::sql_query(up)
+        .execute(&mut *conn)
+        .expect("re-keying");
+    assert_eq!(di_keys(&mut conn), filed);
+}
+on_both_backends!(rekeying_migration_files_keys_as_the_code_does);
