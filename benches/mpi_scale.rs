@@ -3,7 +3,7 @@
 //! over mutual TLS: the HTTP feed with 8 concurrent clients, `$match` and PDQm latency,
 //! database size and memory.
 //!
-//!   cargo bench --bench mpi_scale -- [--records N] [--database-url URL] [--http-records M] [--queries Q] [--import-only [--keep]]
+//!   cargo bench --bench mpi_scale -- [--records N] [--database-url URL] [--http-records M] [--queries Q] [--import-only [--keep]] [--reuse KEPT_DIR]
 //!
 //! With --database-url postgres://… the database must be empty (the script makes a fresh one).
 
@@ -54,12 +54,17 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000);
     let work = tempfile::tempdir().expect("tempdir");
+    // --reuse DIR: a directory kept by `--import-only --keep` (its database already loaded,
+    // SQLite only): measure the running broker on it without loading again.
+    let reuse = arg(&args, "--reuse").map(std::path::PathBuf::from);
+    let root = reuse.clone().unwrap_or_else(|| work.path().to_path_buf());
     let db_url = arg(&args, "--database-url")
-        .unwrap_or_else(|| format!("sqlite://{}", work.path().join("data/hie.db").display()));
-    let certs = work.path().join("certs");
-    Authority::init(&certs, "Bench HIE", &["localhost".into()], false).expect("certs");
-    let config = work.path().join("hie.toml");
-    std::fs::write(
+        .unwrap_or_else(|| format!("sqlite://{}", root.join("data/hie.db").display()));
+    let certs = root.join("certs");
+    let config = root.join("hie.toml");
+    if reuse.is_none() {
+        Authority::init(&certs, "Bench HIE", &["localhost".into()], false).expect("certs");
+        std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[database]\nurl = \"{db_url}\"\npool_size = 8\n\
@@ -68,15 +73,16 @@ fn main() {
         ),
     )
     .expect("config");
-    for (org, system) in [
-        ("hospital-a", "urn:bench:a"),
-        ("clinic-b", "urn:bench:b"),
-        ("clinic-c", "urn:bench:c"),
-    ] {
-        enroll(&config, &certs, org, "hospital", Some(system), None);
+        for (org, system) in [
+            ("hospital-a", "urn:bench:a"),
+            ("clinic-b", "urn:bench:b"),
+            ("clinic-c", "urn:bench:c"),
+        ] {
+            enroll(&config, &certs, org, "hospital", Some(system), None);
+        }
+        // The ER that runs $match under ETREAT (only emergency members may assert it).
+        enroll(&config, &certs, "county-er", "emergency", None, None);
     }
-    // The ER that runs $match under ETREAT (only emergency members may assert it).
-    enroll(&config, &certs, "county-er", "emergency", None, None);
 
     // Generate: everyone at hospital A, a fifth also at clinic B with errors.
     let mut g = Generator::new(20261124);
@@ -93,7 +99,11 @@ fn main() {
             people.push(p);
         }
     }
+    let started = Instant::now();
     for (name, lines) in [("a.ndjson", &a), ("b.ndjson", &b)] {
+        if reuse.is_some() {
+            break;
+        }
         let mut f =
             std::io::BufWriter::new(std::fs::File::create(work.path().join(name)).expect("file"));
         for l in lines.iter() {
@@ -111,8 +121,10 @@ fn main() {
         }
     );
 
-    let started = Instant::now();
     for (org, file) in [("hospital-a", "a.ndjson"), ("clinic-b", "b.ndjson")] {
+        if reuse.is_some() {
+            break;
+        }
         let out = hie(
             &config,
             &[
@@ -125,10 +137,12 @@ fn main() {
         print!("hie import: {out}");
     }
     let import_secs = started.elapsed().as_secs_f64();
-    println!(
-        "bulk import (hie import): {:.0} records/s overall ({n} records in {import_secs:.0} s)",
-        n as f64 / import_secs
-    );
+    if reuse.is_none() {
+        println!(
+            "bulk import (hie import): {:.0} records/s overall ({n} records in {import_secs:.0} s)",
+            n as f64 / import_secs
+        );
+    }
     if args.iter().any(|a| a == "--import-only") {
         if args.iter().any(|a| a == "--keep") {
             println!("kept: {}", work.keep().display());
@@ -258,7 +272,7 @@ fn main() {
     if db_url.starts_with("sqlite") {
         println!(
             "database size: {:.0} MiB (SQLite file + WAL)",
-            dir_size(&work.path().join("data")) as f64 / 1048576.0
+            dir_size(&root.join("data")) as f64 / 1048576.0
         );
     } else {
         use diesel::{Connection, RunQueryDsl};
