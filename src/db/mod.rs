@@ -102,7 +102,7 @@ impl ManageConnection for Manager {
                 c.batch_execute(&format!(
                     "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
                      PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 1073741824; \
-                     PRAGMA wal_autocheckpoint = 16384;",
+                     PRAGMA wal_autocheckpoint = 65536;",
                     self.busy_timeout_ms
                 ))
                 .map_err(r2d2::Error::QueryError)?;

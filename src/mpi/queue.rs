@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::bulk::{feed_many, Submission};
 use super::{feed, feed_audit, FeedRequest, FeedResult, MpiSettings};
@@ -19,6 +19,14 @@ use crate::orgs::Organization;
 
 /// Requests fed in one transaction at most.
 const MAX_BATCH: usize = 256;
+
+/// Batches handed to the database at once. With two, the next batch is gathered and queued
+/// while one is written, so the SQLite writer is not left idle while the answers of the last
+/// batch travel back and the next requests arrive. Batches still run one after the other on
+/// the writer (SQLite) — each sees everything fed before it — and only requests that were
+/// concurrent anyway can end up in either order. On PostgreSQL two batches are two concurrent
+/// transactions, as two single feeds always were.
+const IN_FLIGHT: usize = 2;
 
 type Answer = Result<(FeedResult, SourceRow)>;
 
@@ -76,7 +84,12 @@ async fn run(
     settings: Arc<MpiSettings>,
     mut rx: mpsc::Receiver<(Job, oneshot::Sender<Answer>)>,
 ) {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
     while let Some(first) = rx.recv().await {
+        // Wait for a free slot before gathering, so the batch takes whatever queued meanwhile.
+        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+            return;
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -84,26 +97,40 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let (jobs, answers): (Vec<Job>, Vec<oneshot::Sender<Answer>>) = batch.into_iter().unzip();
-        let s = Arc::clone(&settings);
-        let retry = jobs.clone();
-        match db.write(move |c| feed_batch(c, &s, jobs)).await {
-            Ok(results) => {
-                for (answer, r) in answers.into_iter().zip(results) {
-                    let _ = answer.send(r);
-                }
+        let (db, settings) = (db.clone(), Arc::clone(&settings));
+        tokio::spawn(async move {
+            write_batch(&db, &settings, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Feeds one batch in one transaction and answers each request; if the database fails the
+/// batch, each request is retried alone.
+async fn write_batch(
+    db: &Db,
+    settings: &Arc<MpiSettings>,
+    batch: Vec<(Job, oneshot::Sender<Answer>)>,
+) {
+    let (jobs, answers): (Vec<Job>, Vec<oneshot::Sender<Answer>>) = batch.into_iter().unzip();
+    let s = Arc::clone(settings);
+    let retry = jobs.clone();
+    match db.write(move |c| feed_batch(c, &s, jobs)).await {
+        Ok(results) => {
+            for (answer, r) in answers.into_iter().zip(results) {
+                let _ = answer.send(r);
             }
-            Err(_) if retry.len() > 1 => {
-                for (job, answer) in retry.into_iter().zip(answers) {
-                    let s = Arc::clone(&settings);
-                    let r = db.write(move |c| feed_alone(c, &s, &job)).await;
-                    let _ = answer.send(r);
-                }
+        }
+        Err(_) if retry.len() > 1 => {
+            for (job, answer) in retry.into_iter().zip(answers) {
+                let s = Arc::clone(settings);
+                let r = db.write(move |c| feed_alone(c, &s, &job)).await;
+                let _ = answer.send(r);
             }
-            Err(e) => {
-                for answer in answers {
-                    let _ = answer.send(Err(e.clone()));
-                }
+        }
+        Err(e) => {
+            for answer in answers {
+                let _ = answer.send(Err(e.clone()));
             }
         }
     }
