@@ -2,7 +2,9 @@
 //! path (`mpi::feed`, SQLite) as if it came from a member organisation — originals from one
 //! member, duplicates from another — then compares the resulting links with the true links.
 //!
-//!   cargo bench --bench mpi_accuracy -- [FEBRL_DIR] [--no-ssn] [--sets febrl1,febrl2,febrl3]
+//!   cargo bench --bench mpi_accuracy -- [FEBRL_DIR] [--no-ssn | --both] [--tf] [--sets febrl1,febrl2,febrl3]
+//!
+//! `--tf`: with term frequencies of the set's names, as `hie mpi estimate` would list them.
 //!
 //! Prints precision, recall and F1 of the linked pairs and the review-queue size.
 
@@ -87,7 +89,35 @@ fn pair(a: &str, b: &str) -> (String, String) {
     }
 }
 
-fn run(dir: &Path, set: &str, with_ssn: bool) {
+/// Term frequencies of given and family names in the set, by the rule `hie mpi estimate`
+/// follows (held by at least 5 records and by a larger share than the field's `u`), as an
+/// exchange that ran the estimate after an earlier load would have them.
+fn term_frequencies(patients: &[Value], settings: &MpiSettings) -> mpi::score::TermFrequencies {
+    let mut counts: HashMap<(&str, String), usize> = HashMap::new();
+    let mut totals: HashMap<&str, usize> = HashMap::new();
+    for p in patients {
+        let d = mpi::normalize::Demographics::from_patient(p, &settings.shared_systems);
+        for (field, value) in [("given", d.given), ("family", d.family)] {
+            if let Some(v) = value {
+                *counts.entry((field, v)).or_default() += 1;
+                *totals.entry(field).or_default() += 1;
+            }
+        }
+    }
+    let mut out = mpi::score::TermFrequencies::new();
+    for ((field, value), n) in counts {
+        let share = n as f64 / totals[field] as f64;
+        let u = settings.weights.table()[field]["exact"].1;
+        if n >= 5 && share > u {
+            out.entry(field.to_string())
+                .or_default()
+                .insert(value, share);
+        }
+    }
+    out
+}
+
+fn run(dir: &Path, set: &str, with_ssn: bool, with_tf: bool) {
     let rows = read_csv(&dir.join(format!("{set}.csv")));
     let header: Vec<String> = rows[0].clone();
     let truth: HashSet<(String, String)> = read_csv(&dir.join(format!("{set}_links.csv")))
@@ -100,24 +130,47 @@ fn run(dir: &Path, set: &str, with_ssn: bool) {
     let work = tempfile::tempdir().expect("tempdir");
     let mut config = Config::load_with_env(None, |_| None).expect("config");
     config.database.url = format!("sqlite://{}", work.path().join("mpi.db").display());
-    let settings = MpiSettings::from_config(&config).expect("mpi settings");
+    let mut settings = MpiSettings::from_config(&config).expect("mpi settings");
     let db = Db::open(&config.database).expect("db");
     let mut conn = db.get().expect("conn");
     let originals = org(&mut conn, "org-a");
     let duplicates = org(&mut conn, "org-b");
 
+    let records: Vec<(HashMap<&str, &str>, String, Value)> = rows
+        .iter()
+        .skip(1)
+        .map(|r| {
+            let row: HashMap<&str, &str> = header
+                .iter()
+                .map(String::as_str)
+                .zip(r.iter().map(String::as_str))
+                .collect();
+            let member = if row["rec_id"].contains("-dup-") {
+                &duplicates
+            } else {
+                &originals
+            };
+            let system = format!("urn:{}", member.id);
+            let p = patient(&row, &system, with_ssn);
+            (row, system, p)
+        })
+        .collect();
+    if with_tf {
+        let patients: Vec<Value> = records.iter().map(|(_, _, p)| p.clone()).collect();
+        let tf = term_frequencies(&patients, &settings);
+        settings.weights = settings.weights.clone().with_frequencies(tf);
+    }
+
     let started = Instant::now();
     let mut source_of: HashMap<i64, String> = HashMap::new();
-    for r in rows.iter().skip(1) {
-        let row: HashMap<&str, &str> = header
-            .iter()
-            .map(String::as_str)
-            .zip(r.iter().map(String::as_str))
-            .collect();
-        let is_dup = row["rec_id"].contains("-dup-");
-        let member = if is_dup { &duplicates } else { &originals };
-        let system = format!("urn:{}", member.id);
-        let p = patient(&row, &system, with_ssn);
+    for (row, system, p) in &records {
+        let member = if row["rec_id"].contains("-dup-") {
+            &duplicates
+        } else {
+            &originals
+        };
+        let p = p.clone();
+        let system = system.clone();
         let req = FeedRequest {
             system: &system,
             value: row["rec_id"],
@@ -166,7 +219,7 @@ fn run(dir: &Path, set: &str, with_ssn: bool) {
     let open = db::mpi::review_queue_kinds(&mut conn).expect("reviews");
     let reviews = format!("{} potential matches + {} duplicate flags", open.0, open.1);
     println!(
-        "{set:<8} ssn={:<5} records={:<5} true_pairs={:<5} linked_pairs={:<5} precision={precision:.4} recall={recall:.4} F1={f1:.4} review_queue={reviews} ingest={:.0} rec/s",
+        "{set:<8} ssn={:<5} tf={with_tf:<5} records={:<5} true_pairs={:<5} linked_pairs={:<5} precision={precision:.4} recall={recall:.4} F1={f1:.4} review_queue={reviews} ingest={:.0} rec/s",
         with_ssn,
         rows.len() - 1,
         truth.len(),
@@ -244,9 +297,10 @@ fn main() {
         );
         std::process::exit(2);
     }
+    let with_tf = args.iter().any(|a| a == "--tf");
     for with_ssn in ssn_modes {
         for set in &sets {
-            run(&dir, set, with_ssn);
+            run(&dir, set, with_ssn, with_tf);
         }
     }
 }

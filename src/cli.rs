@@ -880,8 +880,13 @@ fn mpi_command(c: MpiCommand, config: &Config) -> Result<()> {
             let settings = crate::mpi::MpiSettings::from_config(config)?;
             let (w, p, n) =
                 crate::mpi::estimate::estimate(&mut conn, &settings.weights, sample, iterations)?;
+            let common = crate::mpi::estimate::term_frequencies(&mut conn, &w, 1000)?;
             println!("# estimated by `hie mpi estimate` from {n} candidate pairs; match proportion {p:.4}");
-            print!("{}", w.to_toml());
+            println!(
+                "# term_frequency: shares of the {} most common given and family names (exact agreement on them weighs log2(m / share))",
+                common.values().map(|v| v.len()).sum::<usize>()
+            );
+            print!("{}", w.with_frequencies(common).to_toml());
         }
     }
     Ok(())

@@ -1295,21 +1295,19 @@ on_both_backends!(concurrent_feeds_are_answered_one_by_one);
 /// The re-keying migration that filed existing records under the birth date + initials key
 /// must file them exactly as `Demographics::blocking_keys` does for new ones: run it again on a
 /// loaded database whose `di:` keys were removed, and the same keys come back.
-async fn rekeying_migration_files_keys_as_the_code_does(backend: Backend) {
-    use diesel::{QueryDsl, RunQueryDsl, TextExpressionMethods};
+/// A database of `backend` opened in-process, with hospital A and `n` synthetic patients fed
+/// through the real matching path, then `extra` Patients (which carry `MRN-n`, `MRN-n+1`…).
+fn loaded_db(
+    backend: &Backend,
+    n: usize,
+    extra: &[Value],
+) -> (tempfile::TempDir, hie_broker::db::PooledConn) {
     use hie_broker::audit::Actor;
-    use hie_broker::db::schema::blocking_keys::dsl as bk;
     use hie_broker::synth::{to_patient, Generator};
     let work = tempfile::tempdir().expect("tempdir");
-    let (url, up) = match &backend {
-        Backend::Sqlite => (
-            format!("sqlite://{}", work.path().join("hie.db").display()),
-            include_str!("../migrations/sqlite/2026-11-24-000007_birth_date_initials_key/up.sql"),
-        ),
-        Backend::Postgres(url) => (
-            url.clone(),
-            include_str!("../migrations/postgres/2026-11-24-000007_birth_date_initials_key/up.sql"),
-        ),
+    let url = match backend {
+        Backend::Sqlite => format!("sqlite://{}", work.path().join("hie.db").display()),
+        Backend::Postgres(url) => url.clone(),
     };
     let mut config = hie_broker::config::Config::load_with_env(None, |_| None).expect("config");
     config.database.url = url;
@@ -1337,16 +1335,34 @@ async fn rekeying_migration_files_keys_as_the_code_does(backend: Backend) {
     )
     .expect("org");
     let mut g = Generator::new(7);
-    for i in 0..60 {
-        let p = to_patient(&g.person(), "urn:hospital-a", &format!("MRN-{i}"));
+    let patients: Vec<Value> = (0..n)
+        .map(|i| to_patient(&g.person(), "urn:hospital-a", &format!("MRN-{i}")))
+        .chain(extra.iter().cloned())
+        .collect();
+    for (i, p) in patients.iter().enumerate() {
         let value = format!("MRN-{i}");
         let req = hie_broker::mpi::FeedRequest {
             system: "urn:hospital-a",
             value: &value,
-            patient: &p,
+            patient: p,
         };
         hie_broker::mpi::feed(&mut conn, &settings, &org, &req, &Actor::cli()).expect("feed");
     }
+    (work, conn)
+}
+
+async fn rekeying_migration_files_keys_as_the_code_does(backend: Backend) {
+    use diesel::{QueryDsl, RunQueryDsl, TextExpressionMethods};
+    use hie_broker::db::schema::blocking_keys::dsl as bk;
+    let up = match &backend {
+        Backend::Sqlite => {
+            include_str!("../migrations/sqlite/2026-11-24-000007_birth_date_initials_key/up.sql")
+        }
+        Backend::Postgres(_) => {
+            include_str!("../migrations/postgres/2026-11-24-000007_birth_date_initials_key/up.sql")
+        }
+    };
+    let (_work, mut conn) = loaded_db(&backend, 60, &[]);
     let di_keys = |conn: &mut hie_broker::db::PooledConn| {
         let mut keys: Vec<(String, i64)> = bk::blocking_keys
             .filter(bk::key.like("di:%"))
@@ -1368,3 +1384,29 @@ async fn rekeying_migration_files_keys_as_the_code_does(backend: Backend) {
     assert_eq!(di_keys(&mut conn), filed);
 }
 on_both_backends!(rekeying_migration_files_keys_as_the_code_does);
+
+/// `hie mpi estimate`'s term frequencies, on both backends: a surname held by many records is
+/// listed with its share and weighs less when it agrees; names held by few are not listed.
+async fn estimate_lists_common_names_with_their_share(backend: Backend) {
+    use hie_broker::mpi::{estimate, score::Weights};
+    let smiths: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({ "resourceType": "Patient",
+                "identifier": [{ "system": "urn:hospital-a", "value": format!("MRN-{}", 40 + i) }],
+                "name": [{ "family": "Smith", "given": [format!("Given{i}")] }],
+                "birthDate": format!("19{:02}-01-01", 40 + i) })
+        })
+        .collect();
+    let (_work, mut conn) = loaded_db(&backend, 40, &smiths);
+    let plain = Weights::defaults();
+    let common = estimate::term_frequencies(&mut conn, &plain, 1000).expect("frequencies");
+    let share = common["family"]["smith"];
+    assert!(share > 0.1 && share < 0.25, "{common:?}");
+    assert!(
+        common["family"].len() < 5,
+        "rare names are not listed: {common:?}"
+    );
+    let adjusted = plain.clone().with_frequencies(common);
+    assert!(adjusted.exact_weight("family", "smith") < plain.weight("family", "exact"));
+}
+on_both_backends!(estimate_lists_common_names_with_their_share);

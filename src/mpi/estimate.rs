@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::normalize::Demographics;
-use super::score::{self, Weights};
+use super::score::{self, TermFrequencies, Weights, TERM_FREQUENCY_FIELDS};
 use crate::db::mpi as store;
 use crate::db::DbConn;
 use crate::error::Result;
@@ -96,4 +96,64 @@ pub fn estimate(
         }
     }
     Ok((Weights::from_table(table), p, vectors.len()))
+}
+
+/// Fewest records holding a name for its share to be trusted.
+const TERM_FREQUENCY_MIN_RECORDS: i64 = 5;
+
+/// The share of active records holding each name that is common enough to matter: held by at
+/// least `TERM_FREQUENCY_MIN_RECORDS` records and by a larger share than the field's `u` for
+/// an exact agreement (rarer names keep the plain weight). At most `limit` per field, the most
+/// common first.
+pub fn term_frequencies(conn: &mut DbConn, w: &Weights, limit: i64) -> Result<TermFrequencies> {
+    use crate::db::schema::source_records::dsl as sr;
+    use diesel::dsl::count_star;
+    use diesel::prelude::*;
+    let mut out = TermFrequencies::new();
+    for field in TERM_FREQUENCY_FIELDS {
+        let Some((_, u)) = w.table().get(field).and_then(|l| l.get("exact")).copied() else {
+            continue;
+        };
+        let active = sr::source_records.filter(sr::status.eq("active"));
+        let (total, rows): (i64, Vec<(Option<String>, i64)>) = if field == "given" {
+            (
+                active
+                    .filter(sr::given.is_not_null())
+                    .count()
+                    .get_result(conn)?,
+                active
+                    .filter(sr::given.is_not_null())
+                    .group_by(sr::given)
+                    .select((sr::given, count_star()))
+                    .having(count_star().ge(TERM_FREQUENCY_MIN_RECORDS))
+                    .order(count_star().desc())
+                    .limit(limit)
+                    .load(conn)?,
+            )
+        } else {
+            (
+                active
+                    .filter(sr::family.is_not_null())
+                    .count()
+                    .get_result(conn)?,
+                active
+                    .filter(sr::family.is_not_null())
+                    .group_by(sr::family)
+                    .select((sr::family, count_star()))
+                    .having(count_star().ge(TERM_FREQUENCY_MIN_RECORDS))
+                    .order(count_star().desc())
+                    .limit(limit)
+                    .load(conn)?,
+            )
+        };
+        let common: BTreeMap<String, f64> = rows
+            .into_iter()
+            .filter_map(|(name, n)| Some((name?, n as f64 / total.max(1) as f64)))
+            .filter(|(_, share)| *share > u && *share < 1.0)
+            .collect();
+        if !common.is_empty() {
+            out.insert(field.to_string(), common);
+        }
+    }
+    Ok(out)
 }

@@ -40,18 +40,42 @@ use crate::error::{Error, Result};
 
 pub const DEFAULT_WEIGHTS: &str = include_str!("../../config/match-weights.toml");
 
+/// Share of records holding each common value of a name field (`[term_frequency.FIELD]`).
+pub type TermFrequencies = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// Fields whose exact agreement is weighed by how common the value is.
+pub const TERM_FREQUENCY_FIELDS: [&str; 2] = ["given", "family"];
+
 /// m/u probabilities per field and level.
 #[derive(Debug, Clone)]
 pub struct Weights {
     table: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
     /// log2(m/u) of each level, computed once.
     logs: BTreeMap<String, BTreeMap<String, f64>>,
+    /// Term-frequency adjustment: an exact agreement on a value held by a share `f` of records
+    /// larger than the field's `u` weighs log2(m / f) instead of log2(m / u). Two Smiths agree
+    /// far more often by chance than two Featherstonehaughs. Only ever lowers a weight: a rare
+    /// name weighs what any exact agreement does.
+    frequencies: TermFrequencies,
 }
 
 impl Weights {
     pub fn parse(text: &str) -> Result<Weights> {
+        let bad = |e: &dyn std::fmt::Display| Error::config(format!("match weights: {e}"));
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| bad(&e))?;
+        let frequencies: TermFrequencies = match doc.remove("term_frequency") {
+            Some(v) => v.try_into().map_err(|e| bad(&e))?,
+            None => BTreeMap::new(),
+        };
+        for (field, values) in &frequencies {
+            if let Some((value, f)) = values.iter().find(|(_, f)| !(**f > 0.0 && **f < 1.0)) {
+                return Err(Error::config(format!(
+                    "match weights term_frequency.{field}.{value} = {f}: a share must be in (0, 1)"
+                )));
+            }
+        }
         let table: BTreeMap<String, BTreeMap<String, (f64, f64)>> =
-            toml::from_str(text).map_err(|e| Error::config(format!("match weights: {e}")))?;
+            toml::Value::Table(doc).try_into().map_err(|e| bad(&e))?;
         for (field, levels) in &table {
             for (level, (m, u)) in levels {
                 if !(*m > 0.0 && *m < 1.0 && *u > 0.0 && *u < 1.0) {
@@ -61,7 +85,23 @@ impl Weights {
                 }
             }
         }
-        Ok(Weights::from_table(table))
+        Ok(Weights::from_table(table).with_frequencies(frequencies))
+    }
+
+    /// These weights with a term-frequency table (see `frequencies`).
+    pub fn with_frequencies(mut self, frequencies: TermFrequencies) -> Weights {
+        self.frequencies = frequencies;
+        self
+    }
+
+    /// The weight of an exact agreement on `value` in `field`, adjusted for how common it is.
+    pub fn exact_weight(&self, field: &str, value: &str) -> f64 {
+        let base = self.weight(field, "exact");
+        let share = self.frequencies.get(field).and_then(|v| v.get(value));
+        match (share, self.table.get(field).and_then(|l| l.get("exact"))) {
+            (Some(f), Some((m, u))) if f > u => (m / f).log2().min(base),
+            _ => base,
+        }
     }
 
     pub fn defaults() -> Weights {
@@ -86,6 +126,14 @@ impl Weights {
             }
             out.push('\n');
         }
+        for (field, values) in &self.frequencies {
+            out.push_str(&format!("[term_frequency.{field}]\n"));
+            for (value, f) in values {
+                // Normalised names are lowercase letters, digits and spaces: quoted keys.
+                out.push_str(&format!("\"{value}\" = {f:.8}\n"));
+            }
+            out.push('\n');
+        }
         out
     }
 
@@ -104,7 +152,11 @@ impl Weights {
                 (field.clone(), levels)
             })
             .collect();
-        Weights { table, logs }
+        Weights {
+            table,
+            logs,
+            frequencies: BTreeMap::new(),
+        }
     }
 }
 
@@ -382,6 +434,15 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
     });
     push("shared_id", shared);
 
+    // Exact agreement on a common name weighs less (term-frequency adjustment).
+    for (field, value) in [("given", &a.given), ("family", &a.family)] {
+        if let (Some(value), Some(f)) = (value, fields.iter_mut().find(|f| f.field == field)) {
+            if f.level == "exact" {
+                f.weight = w.exact_weight(field, value);
+            }
+        }
+    }
+
     // Street, postcode and city are not independent evidence: together they count at most as
     // much as an exact street and a bit more.
     let address: f64 = fields
@@ -585,6 +646,38 @@ mod tests {
             "6169",
         );
         assert_eq!(score(&a, &c, &w).level("given"), Some("disagree"));
+    }
+
+    #[test]
+    fn common_names_weigh_less_when_they_agree() {
+        let text = format!(
+            "{DEFAULT_WEIGHTS}\n[term_frequency.family]\n\"smith\" = 0.012\n\"rare\" = 0.0000001\n"
+        );
+        let w = Weights::parse(&text).expect("weights with frequencies");
+        let plain = Weights::defaults();
+        assert!(w.exact_weight("family", "smith") < plain.weight("family", "exact") - 2.0);
+        // Rare or unlisted names weigh what any exact agreement does, never more.
+        assert_eq!(
+            w.exact_weight("family", "rare"),
+            plain.weight("family", "exact")
+        );
+        assert_eq!(
+            w.exact_weight("family", "okafor"),
+            plain.weight("family", "exact")
+        );
+        let a = person("john", "smith", "1970-01-02", "12 oak road", "99501");
+        let b = person("john", "smith", "1970-01-02", "12 oak road", "99501");
+        assert!(score(&a, &b, &w).total < score(&a, &b, &plain).total);
+        // What `hie mpi estimate` prints parses back to the same weights.
+        let again = Weights::parse(&w.to_toml()).expect("round trip");
+        assert!(
+            (again.exact_weight("family", "smith") - w.exact_weight("family", "smith")).abs()
+                < 1e-6
+        );
+        assert!(Weights::parse(&format!(
+            "{DEFAULT_WEIGHTS}\n[term_frequency.family]\nx = 2.0\n"
+        ))
+        .is_err());
     }
 
     #[test]
