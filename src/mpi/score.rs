@@ -307,9 +307,9 @@ fn date_level(a: &str, b: &str) -> &'static str {
         .zip(yb.parse::<i32>().ok())
         .map(|(x, y)| (x - y).abs())
         .unwrap_or(99);
-    // One digit apart, unless that digit moves the year by a generation (1950 / 1980 is a
-    // father and son as often as a typo).
-    // Two adjacent digits swapped, also across the month/day boundary (11-23 / 12-13).
+    // A typo: one digit apart, unless that digit moves the year by a generation (1950 / 1980
+    // is a father and son as often as a typo); or two adjacent digits swapped, also across the
+    // month/day boundary (11-23 / 12-13).
     let swapped = ya == yb && edits(&a.replace('-', ""), &b.replace('-', "")) == 1;
     if (differing == 1 && years_apart < GENERATION_YEARS) || swapped {
         return "typo";
