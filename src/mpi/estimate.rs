@@ -114,37 +114,27 @@ pub fn term_frequencies(conn: &mut DbConn, w: &Weights, limit: i64) -> Result<Te
         let Some((_, u)) = w.table().get(field).and_then(|l| l.get("exact")).copied() else {
             continue;
         };
-        let active = sr::source_records.filter(sr::status.eq("active"));
-        let (total, rows): (i64, Vec<(Option<String>, i64)>) = if field == "given" {
-            (
-                active
-                    .filter(sr::given.is_not_null())
-                    .count()
-                    .get_result(conn)?,
-                active
-                    .filter(sr::given.is_not_null())
-                    .group_by(sr::given)
-                    .select((sr::given, count_star()))
+        // The number of records holding a name, and the names held by enough of them.
+        macro_rules! counts {
+            ($column:expr) => {{
+                let named = sr::source_records
+                    .filter(sr::status.eq("active"))
+                    .filter($column.is_not_null());
+                let total: i64 = named.count().get_result(conn)?;
+                let rows: Vec<(Option<String>, i64)> = named
+                    .group_by($column)
+                    .select(($column, count_star()))
                     .having(count_star().ge(TERM_FREQUENCY_MIN_RECORDS))
                     .order(count_star().desc())
                     .limit(limit)
-                    .load(conn)?,
-            )
+                    .load(conn)?;
+                (total, rows)
+            }};
+        }
+        let (total, rows) = if field == "given" {
+            counts!(sr::given)
         } else {
-            (
-                active
-                    .filter(sr::family.is_not_null())
-                    .count()
-                    .get_result(conn)?,
-                active
-                    .filter(sr::family.is_not_null())
-                    .group_by(sr::family)
-                    .select((sr::family, count_star()))
-                    .having(count_star().ge(TERM_FREQUENCY_MIN_RECORDS))
-                    .order(count_star().desc())
-                    .limit(limit)
-                    .load(conn)?,
-            )
+            counts!(sr::family)
         };
         let common: BTreeMap<String, f64> = rows
             .into_iter()
