@@ -13,20 +13,26 @@ use super::bulk::{feed_many, Submission};
 use super::{feed, feed_audit, FeedRequest, FeedResult, MpiSettings};
 use crate::audit::Actor;
 use crate::db::mpi::{self as store, SourceRow};
-use crate::db::{self, Db, DbConn};
+use crate::db::{self, Db, DbConn, DbUrl};
 use crate::error::{Error, Result};
 use crate::orgs::Organization;
 
 /// Requests fed in one transaction at most.
 const MAX_BATCH: usize = 256;
 
-/// Batches handed to the database at once. With two, the next batch is gathered and queued
-/// while one is written, so the SQLite writer is not left idle while the answers of the last
-/// batch travel back and the next requests arrive. Batches still run one after the other on
-/// the writer (SQLite) — each sees everything fed before it — and only requests that were
-/// concurrent anyway can end up in either order. On PostgreSQL two batches are two concurrent
-/// transactions, as two single feeds always were.
-const IN_FLIGHT: usize = 2;
+/// Batches handed to the database at once. On SQLite two: the next batch is gathered and
+/// queued while one is written, so the writer is not left idle while the answers of the last
+/// batch travel back and the next requests arrive; batches still run one after the other on
+/// the writer — each sees everything fed before it — and only requests that were concurrent
+/// anyway can end up in either order. On PostgreSQL one: two batches would be two concurrent
+/// transactions, and batches about the same people lock the same identities in different
+/// orders (deadlocks, measured in the concurrent-feed test) or insert the same identifier.
+fn in_flight(db: &Db) -> usize {
+    match db.url() {
+        DbUrl::Sqlite(_) => 2,
+        DbUrl::Postgres(_) => 1,
+    }
+}
 
 type Answer = Result<(FeedResult, SourceRow)>;
 
@@ -84,7 +90,7 @@ async fn run(
     settings: Arc<MpiSettings>,
     mut rx: mpsc::Receiver<(Job, oneshot::Sender<Answer>)>,
 ) {
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let in_flight = Arc::new(Semaphore::new(in_flight(&db)));
     while let Some(first) = rx.recv().await {
         // Wait for a free slot before gathering, so the batch takes whatever queued meanwhile.
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
@@ -121,16 +127,14 @@ async fn write_batch(
                 let _ = answer.send(r);
             }
         }
-        Err(_) if retry.len() > 1 => {
+        // Each request once more, alone: one request's conflict must not fail the others, and
+        // on PostgreSQL a conflict with another writer (a deadlock, a unique violation raised
+        // once the other committed) goes through the second time.
+        Err(_) => {
             for (job, answer) in retry.into_iter().zip(answers) {
                 let s = Arc::clone(settings);
                 let r = db.write(move |c| feed_alone(c, &s, &job)).await;
                 let _ = answer.send(r);
-            }
-        }
-        Err(e) => {
-            for answer in answers {
-                let _ = answer.send(Err(e.clone()));
             }
         }
     }
