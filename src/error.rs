@@ -106,6 +106,18 @@ impl From<diesel::result::Error> for Error {
             D::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
                 Error::unavailable("the database connection was lost; retry shortly")
             }
+            // PostgreSQL: another transaction wrote the same rows at the same moment (SQLSTATE
+            // 40001, or 40P01 "deadlock detected", which diesel reports as unknown). Nothing was
+            // written; the same request again goes through.
+            D::DatabaseError(DatabaseErrorKind::SerializationFailure, _) => Error::unavailable(
+                "a concurrent update of the same records got in the way; nothing was written, retry",
+            ),
+            D::DatabaseError(_, info) if info.message().contains("deadlock detected") => {
+                tracing::warn!(error = %info.message(), "database deadlock");
+                Error::unavailable(
+                    "a concurrent update of the same records got in the way; nothing was written, retry",
+                )
+            }
             other => {
                 let text = other.to_string();
                 if text.contains("database is locked") || text.contains("busy") {
@@ -129,5 +141,30 @@ impl From<diesel::r2d2::PoolError> for Error {
 impl From<openssl::error::ErrorStack> for Error {
     fn from(e: openssl::error::ErrorStack) -> Self {
         Error::internal(format!("cryptography error: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diesel::result::{DatabaseErrorKind, Error as D};
+
+    #[test]
+    fn a_deadlock_is_a_retry_not_a_server_error() {
+        for kind in [
+            DatabaseErrorKind::Unknown,
+            DatabaseErrorKind::SerializationFailure,
+        ] {
+            let e = Error::from(D::DatabaseError(
+                kind,
+                Box::new("deadlock detected".to_string()),
+            ));
+            assert_eq!(e.kind, ErrorKind::Unavailable, "{e:?}");
+        }
+        let other = Error::from(D::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("relation does not exist".to_string()),
+        ));
+        assert_eq!(other.kind, ErrorKind::Internal);
     }
 }
