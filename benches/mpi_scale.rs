@@ -3,7 +3,7 @@
 //! over mutual TLS: the HTTP feed with 8 concurrent clients, `$match` and PDQm latency,
 //! database size and memory.
 //!
-//!   cargo bench --bench mpi_scale -- [--records N] [--database-url URL] [--http-records M] [--queries Q] [--import-only [--keep]] [--reuse KEPT_DIR]
+//!   cargo bench --bench mpi_scale -- [--records N] [--database-url URL] [--http-records M] [--queries Q] [--import-only [--keep]] [--reuse KEPT_DIR] [--import-batch N]
 //!
 //! With --database-url postgres://… the database must be empty (the script makes a fresh one).
 
@@ -53,6 +53,8 @@ fn main() {
     let queries: usize = arg(&args, "--queries")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000);
+    // --import-batch N: records per `hie import` transaction (its default otherwise).
+    let import_batch = arg(&args, "--import-batch");
     let work = tempfile::tempdir().expect("tempdir");
     // --reuse DIR: a directory kept by `--import-only --keep` (its database already loaded,
     // SQLite only): measure the running broker on it without loading again.
@@ -125,15 +127,12 @@ fn main() {
         if reuse.is_some() {
             break;
         }
-        let out = hie(
-            &config,
-            &[
-                "import",
-                "--org",
-                org,
-                &work.path().join(file).to_string_lossy(),
-            ],
-        );
+        let path = work.path().join(file).to_string_lossy().to_string();
+        let mut cmd = vec!["import", "--org", org, &path];
+        if let Some(b) = import_batch.as_deref() {
+            cmd.extend(["--batch", b]);
+        }
+        let out = hie(&config, &cmd);
         print!("hie import: {out}");
     }
     let import_secs = started.elapsed().as_secs_f64();

@@ -51,7 +51,7 @@ pub enum Command {
         org: String,
         file: PathBuf,
         /// Records per transaction (matched in order, written together).
-        #[arg(long, default_value_t = 50_000)]
+        #[arg(long, default_value_t = 10_000)]
         batch: usize,
     },
     /// The master patient index: review queue, links, merges.
@@ -614,18 +614,25 @@ pub fn verify_chain(conn: &mut db::DbConn) -> Result<Verification> {
     })
 }
 
+/// `hie import`: matching and writing run at once on two connections (`bulk::Pipeline`): the
+/// next batch is read and matched while the last is written.
 fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> Result<()> {
+    use crate::mpi::bulk::{write_group, Matcher, Pipeline, Submission, Written};
     use std::io::BufRead;
     let settings = crate::mpi::MpiSettings::from_config(config)?;
     let db = Db::open(&config.database)?;
-    let mut conn = db.get()?;
-    if conn.is_sqlite() {
-        // The load touches index pages all over the file: keep them in memory for the run.
-        diesel::connection::SimpleConnection::batch_execute(
-            &mut *conn,
-            "PRAGMA cache_size = -1048576",
-        )?;
-    }
+    let connect = || -> Result<db::PooledConn> {
+        let mut conn = db.get()?;
+        if conn.is_sqlite() {
+            // The load touches index pages all over the file: keep them in memory for the run.
+            diesel::connection::SimpleConnection::batch_execute(
+                &mut *conn,
+                "PRAGMA cache_size = -1048576",
+            )?;
+        }
+        Ok(conn)
+    };
+    let mut conn = connect()?;
     let org = orgs::get(&mut conn, &OrgId::parse(org)?)?
         .ok_or_else(|| Error::not_found(format!("no organisation '{org}'")))?;
     let reader = std::io::BufReader::new(
@@ -634,87 +641,139 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
     );
     let actor = Actor::cli();
     let started = std::time::Instant::now();
+    let pipe = Pipeline::new(db.writes());
+    let (to_writer, batches) =
+        std::sync::mpsc::sync_channel::<(crate::mpi::bulk::Matched, Vec<usize>)>(1);
     let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
-    let mut lines = reader.lines().enumerate().peekable();
-    let mut batches = 0u64;
-    while lines.peek().is_some() {
-        batches += 1;
-        // A load into empty tables leaves PostgreSQL planning with the statistics of an empty
-        // table (sequential scans for every candidate lookup); refresh them as the tables grow.
-        if !conn.is_sqlite() && (batches == 2 || batches % 4 == 0) {
-            diesel::connection::SimpleConnection::batch_execute(
-                &mut *conn,
-                "ANALYZE blocking_keys, source_records, source_identifiers, identities",
-            )?;
-        }
-        // Each batch is one transaction; a line that is not a Patient is reported and skipped.
-        let mut numbers = Vec::new();
-        let mut patients = Vec::new();
-        for (n, line) in lines.by_ref().take(batch) {
-            let line =
-                line.map_err(|e| Error::invalid(format!("cannot read {}: {e}", file.display())))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<serde_json::Value>(&line) {
-                Ok(p) => {
-                    numbers.push(n + 1);
-                    patients.push(crate::mpi::bulk::Submission::from(p));
+    let mut read_failed = 0u64;
+    let mut matched_again = 0u64;
+    std::thread::scope(|scope| -> Result<()> {
+        let write_all = || -> Result<(u64, u64, u64, u64)> {
+            let mut conn = connect()?;
+            let mut written = Written::default();
+            let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
+            for (n, (m, numbers)) in batches.into_iter().enumerate() {
+                // A load into empty tables leaves PostgreSQL planning with the statistics of
+                // an empty table (sequential scans for every candidate lookup); refresh them
+                // as the tables grow.
+                if !conn.is_sqlite() && (n == 1 || (n > 0 && n % 4 == 0)) {
+                    diesel::connection::SimpleConnection::batch_execute(
+                        &mut *conn,
+                        "ANALYZE blocking_keys, source_records, source_identifiers, identities",
+                    )?;
                 }
-                Err(e) => {
-                    failed += 1;
-                    eprintln!("line {}: not JSON: {e}", n + 1);
-                }
-            }
-        }
-        let first_line = numbers.first().copied().unwrap_or_default();
-        let last_line = numbers.last().copied().unwrap_or_default();
-        let results =
-            crate::mpi::bulk::feed_many(&mut conn, &settings, &org, patients, |c, rs| {
-                let fed: Vec<&crate::mpi::FeedResult> =
-                    rs.iter().filter_map(|r| r.as_ref().ok()).collect();
-                let record = crate::audit::AuditRecord::new(
-                    &actor,
-                    "admin",
-                    crate::audit::Action::Create,
-                    "patient-feed",
-                )
-                .entity(format!("Organization/{}", org.id))
-                .query(format!(
-                    "import {} lines {first_line}-{last_line}",
-                    file.display()
-                ))
-                .outcome(
-                    crate::audit::Outcome::Success,
-                    format!(
-                        "bulk import: {} record(s) fed ({} linked), {} refused; source records {}",
-                        fed.len(),
-                        fed.iter().filter(|r| r.outcome == "linked").count(),
-                        rs.len() - fed.len(),
-                        source_span(&fed)
-                    ),
-                );
-                db::audit::append(c, &[record]).map(|_| ())
-            })?;
-        for (n, r) in numbers.iter().zip(results) {
-            match r {
-                Ok(r) => {
-                    ok += 1;
-                    linked += u64::from(r.outcome == "linked");
-                }
-                Err(e) => {
-                    failed += 1;
-                    eprintln!("line {n}: {e}");
+                let group = m.group();
+                let first_line = numbers.first().copied().unwrap_or_default();
+                let last_line = numbers.last().copied().unwrap_or_default();
+                let before = written.clone();
+                let results = db::write_tx(&mut conn, |c| {
+                    write_group(c, &settings, &mut written, m, Some(&pipe), |c, rs| {
+                        let fed: Vec<&crate::mpi::FeedResult> =
+                            rs.iter().filter_map(|r| r.as_ref().ok()).collect();
+                        let record = crate::audit::AuditRecord::new(
+                            &actor,
+                            "admin",
+                            crate::audit::Action::Create,
+                            "patient-feed",
+                        )
+                        .entity(format!("Organization/{}", org.id))
+                        .query(format!(
+                            "import {} lines {first_line}-{last_line}",
+                            file.display()
+                        ))
+                        .outcome(
+                            crate::audit::Outcome::Success,
+                            format!(
+                                "bulk import: {} record(s) fed ({} linked), {} refused; source records {}",
+                                fed.len(),
+                                fed.iter().filter(|r| r.outcome == "linked").count(),
+                                rs.len() - fed.len(),
+                                source_span(&fed)
+                            ),
+                        );
+                        db::audit::append(c, &[record]).map(|_| ())
+                    })
+                });
+                pipe.finished(group);
+                let results = results.inspect_err(|_| written = before)?;
+                for (n, r) in numbers.iter().zip(results) {
+                    match r {
+                        Ok(r) => {
+                            ok += 1;
+                            linked += u64::from(r.outcome == "linked");
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("line {n}: {e}");
+                        }
+                    }
                 }
             }
-        }
-    }
+            Ok((ok, failed, linked, written.matched_again()))
+        };
+        let writer = scope.spawn(|| -> Result<(u64, u64, u64, u64)> {
+            let r = write_all();
+            if r.is_err() {
+                // Matching may wait for a batch this writer will never write.
+                pipe.finished(u64::MAX - 1);
+            }
+            r
+        });
+        let mut matcher = Matcher::default();
+        let mut lines = reader.lines().enumerate().peekable();
+        let matching = (|| -> Result<()> {
+            while lines.peek().is_some() {
+                // Each batch is one transaction; a line that is not a Patient is reported and
+                // skipped.
+                let mut numbers = Vec::new();
+                let mut patients = Vec::new();
+                for (n, line) in lines.by_ref().take(batch) {
+                    let line = line.map_err(|e| {
+                        Error::invalid(format!("cannot read {}: {e}", file.display()))
+                    })?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    match serde_json::from_str::<serde_json::Value>(&line) {
+                        Ok(p) => {
+                            numbers.push(n + 1);
+                            patients.push(Submission::from(p));
+                        }
+                        Err(e) => {
+                            read_failed += 1;
+                            eprintln!("line {}: not JSON: {e}", n + 1);
+                        }
+                    }
+                }
+                let m = matcher.match_group(&mut conn, &settings, &org, patients, Some(&pipe))?;
+                if to_writer.send((m, numbers)).is_err() {
+                    // The writer stopped: its error is the one to report.
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(to_writer);
+        let written = writer
+            .join()
+            .map_err(|_| Error::internal("the import's writer failed"))?;
+        let (o, f, l, again) = written?;
+        matching?;
+        (ok, failed, linked, matched_again) = (o, f + read_failed, l, again);
+        Ok(())
+    })?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "imported {ok} record(s) for '{}' in {secs:.1} s ({:.0}/s): {linked} linked to existing people, {failed} refused",
         org.id,
         ok as f64 / secs.max(1e-9)
     );
+    if matched_again > 0 {
+        // Something else wrote while the file was loaded: those batches were decided again.
+        println!(
+            "{matched_again} batch(es) matched again as written (the database changed meanwhile)"
+        );
+    }
     Ok(())
 }
 

@@ -1302,6 +1302,21 @@ fn loaded_db(
     n: usize,
     extra: &[Value],
 ) -> (tempfile::TempDir, hie_broker::db::PooledConn) {
+    let l = loaded(backend, n, extra);
+    (l.work, l.conn)
+}
+
+/// A database of one member (hospital-a, `urn:hospital-a`), loaded with `n` generated
+/// people and `extra`, through the library.
+struct Loaded {
+    work: tempfile::TempDir,
+    db: hie_broker::db::Db,
+    settings: hie_broker::mpi::MpiSettings,
+    org: hie_broker::orgs::Organization,
+    conn: hie_broker::db::PooledConn,
+}
+
+fn loaded(backend: &Backend, n: usize, extra: &[Value]) -> Loaded {
     use hie_broker::audit::Actor;
     use hie_broker::synth::{to_patient, Generator};
     let work = tempfile::tempdir().expect("tempdir");
@@ -1348,8 +1363,110 @@ fn loaded_db(
         };
         hie_broker::mpi::feed(&mut conn, &settings, &org, &req, &Actor::cli()).expect("feed");
     }
-    (work, conn)
+    Loaded {
+        work,
+        db,
+        settings,
+        org,
+        conn,
+    }
 }
+
+/// The feed's pipeline matches a batch while the one before it is written: the unwritten
+/// batch's records are candidates as if stored, and a batch whose matching went stale (a
+/// record added by another process, another write of this one) is matched again when
+/// written, so the decisions stay those of one record after the other.
+async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backend: Backend) {
+    use hie_broker::audit::Actor;
+    use hie_broker::mpi::bulk::{write_group, Matcher, Pipeline, Submission, Written};
+    let mut l = loaded(&backend, 30, &[]);
+    let mut reader = l.db.get().expect("reader");
+    let pipe = Pipeline::new(l.db.writes());
+    let mut matcher = Matcher::default();
+    let mut written = Written::default();
+    let one = |mrn: &str, given: &str, family: &str, dob: &str| {
+        vec![Submission::from(patient(
+            "urn:hospital-a",
+            mrn,
+            given,
+            family,
+            dob,
+            "4 Main St",
+            "12345",
+            None,
+        ))]
+    };
+    let write = |conn: &mut hie_broker::db::PooledConn,
+                     written: &mut Written,
+                     m: hie_broker::mpi::bulk::Matched| {
+        let group = m.group();
+        let r = hie_broker::db::write_tx(conn, |c| {
+            write_group(c, &l.settings, written, m, Some(&pipe), |_, _| Ok(()))
+        })
+        .expect("write");
+        pipe.finished(group);
+        r.into_iter().next().expect("one").expect("fed")
+    };
+    let mut match_one = |subs| {
+        matcher
+            .match_group(&mut reader, &l.settings, &l.org, subs, Some(&pipe))
+            .expect("match")
+    };
+
+    // A duplicate registration matched while the first record is still unwritten links to it.
+    let first = match_one(one("P-1", "Ingrid", "Vasquez", "1966-03-14"));
+    let second = match_one(one("P-2", "Ingrid", "Vasquez", "1966-03-14"));
+    let a = write(&mut l.conn, &mut written, first);
+    let b = write(&mut l.conn, &mut written, second);
+    assert_eq!(a.outcome, "new-identity");
+    assert_eq!(b.outcome, "linked");
+    assert_eq!(a.enterprise_id, b.enterprise_id);
+    assert_eq!(written.matched_again(), 0, "both were written as decided");
+
+    // Another process adds the same person between matching and writing: matched again.
+    let stale = match_one(one("P-3", "Tobias", "Lindqvist", "1971-11-02"));
+    let req_patient = patient(
+        "urn:hospital-a",
+        "P-4",
+        "Tobias",
+        "Lindqvist",
+        "1971-11-02",
+        "4 Main St",
+        "12345",
+        None,
+    );
+    let other = hie_broker::mpi::feed(
+        &mut l.conn,
+        &l.settings,
+        &l.org,
+        &hie_broker::mpi::FeedRequest {
+            system: "urn:hospital-a",
+            value: "P-4",
+            patient: &req_patient,
+        },
+        &Actor::cli(),
+    )
+    .expect("feed");
+    let c = write(&mut l.conn, &mut written, stale);
+    assert_eq!(written.matched_again(), 1);
+    assert_eq!(c.outcome, "linked");
+    assert_eq!(c.enterprise_id, other.enterprise_id);
+
+    // Any other write of this process meanwhile (an operator's link change, say): matched again.
+    let quiet = match_one(one("P-5", "Oksana", "Brandt", "1990-07-21"));
+    l.db.writes()
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let d = write(&mut l.conn, &mut written, quiet);
+    assert_eq!(written.matched_again(), 2);
+    assert_eq!(d.outcome, "new-identity");
+
+    // And after all that, the pipeline writes as decided again.
+    let next = match_one(one("P-6", "Oksana", "Brandt", "1990-07-21"));
+    let e = write(&mut l.conn, &mut written, next);
+    assert_eq!(written.matched_again(), 2);
+    assert_eq!(e.enterprise_id, d.enterprise_id);
+}
+on_both_backends!(pipelined_matching_sees_unwritten_batches_and_notices_stale_ones);
 
 async fn rekeying_migration_files_keys_as_the_code_does(backend: Backend) {
     use diesel::{QueryDsl, RunQueryDsl, TextExpressionMethods};

@@ -137,6 +137,9 @@ pub struct Db {
     writer: Option<std::sync::mpsc::SyncSender<WriteJob>>,
     /// SQLite: held while any clone of this Db lives; the checkpointer stops once it is gone.
     _alive: Option<std::sync::Arc<()>>,
+    /// Counts writes (`write`) as they start and as they finish: what the identity feed's
+    /// matching compares to know that nothing else wrote while it matched.
+    writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How often the SQLite checkpointer copies the write-ahead log into the database file.
@@ -233,6 +236,7 @@ impl Db {
             url,
             writer,
             _alive: alive,
+            writes: Default::default(),
         })
     }
 
@@ -263,6 +267,25 @@ impl Db {
     /// it joins the writer's next group commit, in a savepoint of its own; on PostgreSQL it is a
     /// transaction on the pool.
     pub async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        let r = self.write_uncounted(f).await;
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        r
+    }
+
+    /// The count `write` keeps.
+    pub fn writes(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        std::sync::Arc::clone(&self.writes)
+    }
+
+    /// `write` without counting it: for the identity feed's own pipelined writes, which check
+    /// themselves what they were matched against.
+    pub async fn write_uncounted<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
         T: Send + 'static,

@@ -774,6 +774,21 @@ struct NextId {
     n: i64,
 }
 
+/// The id the last row of `table` was given, as `allocate_ids` sees it: the next allocation
+/// starts right after it unless another writer takes ids first.
+pub fn newest_id(conn: &mut DbConn, table: IdTable) -> Result<i64> {
+    let t = table.name();
+    let q = if conn.is_sqlite() {
+        format!(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{t}'), 0), \
+             COALESCE((SELECT MAX(id) FROM {t}), 0)) AS n"
+        )
+    } else {
+        format!("SELECT COALESCE(MAX(id), 0) AS n FROM {t}")
+    };
+    Ok(diesel::sql_query(q).get_result::<NextId>(conn)?.n)
+}
+
 /// `n` fresh ids for rows inserted with explicit ids, ascending. On SQLite this runs inside the
 /// write transaction (no other writer); AUTOINCREMENT's counter follows the explicit ids. On
 /// PostgreSQL the ids come from the table's sequence, as a single-row insert's would.
@@ -783,11 +798,7 @@ pub fn allocate_ids(conn: &mut DbConn, table: IdTable, n: usize) -> Result<Vec<i
     }
     let t = table.name();
     if conn.is_sqlite() {
-        let q = format!(
-            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{t}'), 0), \
-             COALESCE((SELECT MAX(id) FROM {t}), 0)) AS n"
-        );
-        let base = diesel::sql_query(q).get_result::<NextId>(conn)?.n;
+        let base = newest_id(conn, table)?;
         Ok((base + 1..=base + n as i64).collect())
     } else {
         let q = format!(

@@ -12,8 +12,13 @@
 //! under an identifier already in the batch, merges (`link` replaced-by), and records whose
 //! match would merge two identities.
 
+use diesel::connection::SimpleConnection;
+use diesel::Connection;
 use serde_json::{json, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use super::normalize::Demographics;
 use super::{
@@ -159,13 +164,411 @@ fn prepare_all(
     })
 }
 
-/// A new record the batch decided, before ids are allocated. Ids below zero are the batch's
-/// own: record `-(k + 1)` is `fresh[k]`, identity `-(n + 1)` the batch's n-th new identity.
+/// Ids at or above this stand for records and identities decided but not yet written. They
+/// rank above every stored id and in the order they were decided, as their real ids will.
+const PENDING: i64 = 1 << 62;
+
+/// A group no writer writes: what `unmatched` groups depend on, so they are matched when
+/// written.
+const NEVER_WRITTEN: u64 = u64::MAX;
+
+/// A new record decided, before ids are allocated: its own id is pending, its identity
+/// (`eid`) real or pending, and so may be the candidates of its evaluation.
 struct Decided {
     pos: usize,
     prepared: Prepared,
     eid: i64,
     eval: Evaluation,
+}
+
+/// A group's decided records, candidates for the records matched after them until the group
+/// is known to be written (then the database holds them).
+struct PendingGroup {
+    group: u64,
+    /// The pending id of `records[0]`; the others follow.
+    first: i64,
+    records: Vec<Candidate>,
+    keys: HashMap<String, Vec<usize>>,
+    identifiers: HashSet<(String, String)>,
+}
+
+/// One member's records, matched and ready to write (`write_group`).
+pub struct Matched {
+    group: u64,
+    org: Organization,
+    results: Vec<Option<Result<FeedResult>>>,
+    decided: Vec<Decided>,
+    /// Records for the online path, decided when written: updates, merges, a second record
+    /// under one identifier, a match that would merge identities.
+    online: Vec<(usize, Prepared)>,
+    first_record: i64,
+    first_identity: i64,
+    new_identities: usize,
+    /// The groups still unwritten when this one was matched: its decisions hold only if each
+    /// was written as decided.
+    depends_on: Vec<u64>,
+    /// The database as matched: the count of other writes before it, and its newest record.
+    generation: u64,
+    newest_record: i64,
+}
+
+impl Matched {
+    pub fn group(&self) -> u64 {
+        self.group
+    }
+
+    pub fn len(&self) -> usize {
+        self.results.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.results.is_empty()
+    }
+}
+
+/// Decides groups of records in order. Alone (`feed_many`) it matches inside the write
+/// transaction; in a `Pipeline` it matches the next group on a reading connection while the
+/// last is written, taking the decided-but-unwritten groups as candidates as if stored.
+pub struct Matcher {
+    pending: VecDeque<PendingGroup>,
+    next_record: i64,
+    next_identity: i64,
+    next_group: u64,
+    /// A group whose online records change what the next one must see: wait until written.
+    flush_after: Option<u64>,
+}
+
+impl Default for Matcher {
+    fn default() -> Self {
+        Matcher {
+            pending: VecDeque::new(),
+            next_record: PENDING,
+            next_identity: PENDING,
+            next_group: 0,
+            flush_after: None,
+        }
+    }
+}
+
+impl Matcher {
+    /// Matches one member's records. With `pipe`, in a read transaction of its own (a
+    /// consistent snapshot); without, inside the caller's write transaction.
+    pub fn match_group(
+        &mut self,
+        conn: &mut DbConn,
+        s: &MpiSettings,
+        org: &Organization,
+        subs: Vec<Submission>,
+        pipe: Option<&Pipeline>,
+    ) -> Result<Matched> {
+        let prepared = prepare_all(s, org, subs);
+        let Some(pipe) = pipe else {
+            return self.match_prepared(conn, s, org, prepared, None, 0);
+        };
+        if let Some(g) = self.flush_after.take() {
+            pipe.wait_finished(g)?;
+        }
+        // Read before the snapshot: a write finishing meanwhile makes the group look stale
+        // (decided again when written), never fresh.
+        let (done, generation) = pipe.begin();
+        while self.pending.front().is_some_and(|g| g.group < done) {
+            self.pending.pop_front();
+        }
+        self.match_prepared(conn, s, org, prepared, Some(pipe), generation)
+    }
+
+    /// One member's records left to be matched as they are written: a group of the same
+    /// batch before them changes more than it adds (see `needs_flush`), and the batch is
+    /// written as one.
+    pub fn unmatched(
+        &mut self,
+        s: &MpiSettings,
+        org: &Organization,
+        subs: Vec<Submission>,
+    ) -> Matched {
+        let group = self.next_group;
+        self.next_group += 1;
+        self.flush_after = Some(group);
+        let mut results = Vec::with_capacity(subs.len());
+        let mut online = Vec::new();
+        for (pos, p) in prepare_all(s, org, subs).into_iter().enumerate() {
+            match p {
+                Ok(p) => {
+                    results.push(None);
+                    online.push((pos, p));
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        Matched {
+            group,
+            org: org.clone(),
+            results,
+            decided: Vec::new(),
+            online,
+            first_record: self.next_record,
+            first_identity: self.next_identity,
+            new_identities: 0,
+            depends_on: vec![NEVER_WRITTEN],
+            generation: 0,
+            newest_record: 0,
+        }
+    }
+
+    /// Whether the group matched last must be written before the next one is matched.
+    pub fn needs_flush(&self) -> bool {
+        self.flush_after.is_some()
+    }
+
+    /// Forgets the groups from `group` on: they were never handed to the writer.
+    pub fn discard_from(&mut self, group: u64) {
+        self.pending.retain(|g| g.group < group);
+        if self.flush_after.is_some_and(|g| g >= group) {
+            self.flush_after = None;
+        }
+    }
+
+    fn match_prepared(
+        &mut self,
+        conn: &mut DbConn,
+        s: &MpiSettings,
+        org: &Organization,
+        prepared: Vec<Result<Prepared>>,
+        pipe: Option<&Pipeline>,
+        generation: u64,
+    ) -> Result<Matched> {
+        let mut results: Vec<Option<Result<FeedResult>>> = Vec::with_capacity(prepared.len());
+        let mut candidates: Vec<(usize, Prepared)> = Vec::new();
+        for (pos, p) in prepared.into_iter().enumerate() {
+            match p {
+                Ok(p) => {
+                    results.push(None);
+                    candidates.push((pos, p));
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let group = self.next_group;
+        self.next_group += 1;
+        let pending = &self.pending;
+        // Everything read from the database, before any record is scored.
+        let read = |c: &mut DbConn| -> Result<_> {
+            let newest_record = store::newest_id(c, IdTable::SourceRecords)?;
+            // Records of groups both pending here and already in the snapshot: the pending
+            // copy stands (their real ids were published before the commit).
+            let shadow = match pipe {
+                Some(p) => p.published(pending.iter().map(|g| g.group)),
+                None => HashSet::new(),
+            };
+            let (fresh, online) = split_new(c, pending, candidates)?;
+            let gathered = gather(c, s, fresh, pending, &shadow)?;
+            Ok((newest_record, online, gathered))
+        };
+        let (newest_record, mut online, gathered) = match pipe {
+            // One snapshot for all of it, held no longer than the reads (a long reader keeps
+            // SQLite's write-ahead log from starting over).
+            Some(_) => conn.transaction(|c| {
+                if !c.is_sqlite() {
+                    c.batch_execute(
+                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                    )?;
+                }
+                read(c)
+            })?,
+            None => read(conn)?,
+        };
+        let first_record = self.next_record;
+        let first_identity = self.next_identity;
+        let (decided, deferred, mine) = decide(
+            s,
+            org,
+            gathered,
+            &self.pending,
+            first_record,
+            first_identity,
+        );
+        online.extend(deferred);
+        online.sort_by_key(|(pos, _)| *pos);
+        let new_identities = decided.iter().filter(|d| d.eid >= first_identity).count();
+        self.next_record += decided.len() as i64;
+        self.next_identity += new_identities as i64;
+        let depends_on = self.pending.iter().map(|g| g.group).collect();
+        if pipe.is_some() {
+            let identifiers = decided
+                .iter()
+                .map(|d| (d.prepared.system.clone(), d.prepared.value.clone()))
+                .collect();
+            let mut keys: HashMap<String, Vec<usize>> = HashMap::new();
+            for (k, d) in decided.iter().enumerate() {
+                for key in &d.prepared.keys {
+                    keys.entry(key.clone()).or_default().push(k);
+                }
+            }
+            self.pending.push_back(PendingGroup {
+                group,
+                first: first_record,
+                records: mine,
+                keys,
+                identifiers,
+            });
+            if !online.is_empty() {
+                self.flush_after = Some(group);
+            }
+        }
+        Ok(Matched {
+            group,
+            org: org.clone(),
+            results,
+            decided,
+            online,
+            first_record,
+            first_identity,
+            new_identities,
+            depends_on,
+            generation,
+            newest_record,
+        })
+    }
+}
+
+/// What matching and writing on two connections share: which groups are finished, and the
+/// real ids of records being written, published before their commit.
+pub struct Pipeline {
+    state: Mutex<PipeState>,
+    finished: Condvar,
+    writes: Arc<AtomicU64>,
+}
+
+#[derive(Default)]
+struct PipeState {
+    /// Groups below this are finished: committed or rolled back.
+    done: u64,
+    published: HashMap<u64, Vec<i64>>,
+}
+
+/// How long matching waits for a group to be written before giving up.
+const FLUSH_WAIT: Duration = Duration::from_secs(120);
+
+impl Pipeline {
+    /// `writes` counts the database's other writes (`Db::writes`): a group matched before
+    /// one of them is decided again when written.
+    pub fn new(writes: Arc<AtomicU64>) -> Pipeline {
+        Pipeline {
+            state: Mutex::new(PipeState::default()),
+            finished: Condvar::new(),
+            writes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PipeState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Groups up to `group` are written or rolled back: a snapshot taken from now on shows it.
+    pub fn finished(&self, group: u64) {
+        let mut st = self.lock();
+        st.done = st.done.max(group + 1);
+        let done = st.done;
+        st.published.retain(|g, _| *g >= done);
+        drop(st);
+        self.finished.notify_all();
+    }
+
+    fn wait_finished(&self, group: u64) -> Result<()> {
+        let st = self.lock();
+        let (st, timeout) = self
+            .finished
+            .wait_timeout_while(st, FLUSH_WAIT, |st| st.done <= group)
+            .unwrap_or_else(|e| e.into_inner());
+        drop(st);
+        if timeout.timed_out() {
+            return Err(Error::unavailable(
+                "the identity feed's writer is not keeping up; retry shortly",
+            ));
+        }
+        Ok(())
+    }
+
+    fn begin(&self) -> (u64, u64) {
+        let done = self.lock().done;
+        (done, self.writes.load(Ordering::SeqCst))
+    }
+
+    fn publish(&self, group: u64, ids: &[i64]) {
+        self.lock().published.insert(group, ids.to_vec());
+    }
+
+    fn published(&self, groups: impl Iterator<Item = u64>) -> HashSet<i64> {
+        let st = self.lock();
+        groups
+            .filter_map(|g| st.published.get(&g))
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    fn generation(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+/// What the writer remembers of the groups it wrote last: the real ids behind their pending
+/// ones, for the groups matched while they were written.
+#[derive(Default, Clone)]
+pub struct Written {
+    groups: VecDeque<WrittenGroup>,
+    matched_again: u64,
+}
+
+#[derive(Clone)]
+struct WrittenGroup {
+    group: u64,
+    as_decided: bool,
+    first_record: i64,
+    records: Vec<i64>,
+    first_identity: i64,
+    identities: Vec<i64>,
+    /// The newest source record it wrote.
+    newest: i64,
+}
+
+/// Groups remembered; a group depends on at most the few matched ahead of its write.
+const WRITTEN_KEPT: usize = 32;
+
+impl Written {
+    /// Groups whose decisions had gone stale by the time they were written, so were matched
+    /// again in the write transaction.
+    pub fn matched_again(&self) -> u64 {
+        self.matched_again
+    }
+
+    fn push(&mut self, g: WrittenGroup) {
+        self.groups.push_back(g);
+        while self.groups.len() > WRITTEN_KEPT {
+            self.groups.pop_front();
+        }
+    }
+
+    /// The newest record of `groups` if each was written as decided.
+    fn newest_of(&self, groups: &[u64]) -> Option<i64> {
+        groups.iter().try_fold(0i64, |newest, g| {
+            let w = self.groups.iter().find(|w| w.group == *g && w.as_decided)?;
+            Some(newest.max(w.newest))
+        })
+    }
+
+    fn resolve(&self, id: i64, identity: bool) -> Option<i64> {
+        self.groups.iter().filter(|w| w.as_decided).find_map(|w| {
+            let (first, ids) = if identity {
+                (w.first_identity, &w.identities)
+            } else {
+                (w.first_record, &w.records)
+            };
+            id.checked_sub(first)
+                .and_then(|k| usize::try_from(k).ok())
+                .and_then(|k| ids.get(k).copied())
+        })
+    }
 }
 
 /// Feeds `patients` of `org`. Returns one result per patient, in order: a refused record is
@@ -183,48 +586,164 @@ where
 {
     let prepared = prepare_all(s, org, patients);
     db::write_tx(conn, |conn| {
-        let now = crate::time::now_micros();
-        let mut results: Vec<Option<Result<FeedResult>>> = Vec::with_capacity(prepared.len());
-        let mut candidates: Vec<(usize, Prepared)> = Vec::new();
-        for (pos, p) in prepared.into_iter().enumerate() {
-            match p {
-                Ok(p) => {
-                    results.push(None);
-                    candidates.push((pos, p));
-                }
-                Err(e) => results.push(Some(Err(e))),
-            }
-        }
-        let (fresh, mut online) = split_new(conn, candidates)?;
-        let (decided, deferred) = decide(conn, s, org, fresh)?;
-        online.extend(deferred);
-        write_decided(conn, org, decided, now, &mut results)?;
-        online.sort_by_key(|(pos, _)| *pos);
-        for (pos, p) in online {
-            let req = FeedRequest {
-                system: &p.system,
-                value: &p.value,
-                patient: &p.patient,
-            };
-            // A savepoint each: a refused update leaves the rest of the batch alone.
-            let r = diesel::Connection::transaction(&mut *conn, |c| {
-                feed_in(c, s, org, &req, &p.raw_ids)
-            });
-            results[pos] = Some(r);
-        }
-        let results: Vec<Result<FeedResult>> = results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::internal("record left undecided"))))
-            .collect();
-        audit(conn, &results)?;
-        Ok(results)
+        let m = Matcher::default().match_prepared(conn, s, org, prepared, None, 0)?;
+        write_group(conn, s, &mut Written::default(), m, None, audit)
     })
 }
 
-/// New records (the batch path) and the rest (the online path).
+/// Writes a matched group inside the caller's write transaction: as decided when nothing it
+/// was decided on changed since (the groups before it written as decided, no other write,
+/// no record added by anyone else), else decided again on the database as it is now.
+pub fn write_group<A>(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    written: &mut Written,
+    m: Matched,
+    pipe: Option<&Pipeline>,
+    audit: A,
+) -> Result<Vec<Result<FeedResult>>>
+where
+    A: FnOnce(&mut DbConn, &[Result<FeedResult>]) -> Result<()>,
+{
+    let now = crate::time::now_micros();
+    let sids = match pipe {
+        // Matched in this transaction: nothing can have changed.
+        None => Some(store::allocate_ids(
+            conn,
+            IdTable::SourceRecords,
+            m.decided.len(),
+        )?),
+        Some(p) => match written.newest_of(&m.depends_on) {
+            Some(newest) if p.generation() == m.generation => {
+                // The ids continue from the newest record the group was matched with: no
+                // record was added by anyone else since.
+                let newest = newest.max(m.newest_record);
+                let sids = store::allocate_ids(conn, IdTable::SourceRecords, m.decided.len())?;
+                sids.first()
+                    .is_none_or(|first| *first == newest + 1)
+                    .then_some(sids)
+            }
+            _ => None,
+        },
+    };
+    let Some(sids) = sids else {
+        return redecide(conn, s, written, m, audit);
+    };
+    if let Some(p) = pipe {
+        p.publish(m.group, &sids);
+    }
+    let Matched {
+        group,
+        org,
+        mut results,
+        decided,
+        online,
+        first_record,
+        first_identity,
+        new_identities,
+        ..
+    } = m;
+    let eids = store::allocate_ids(conn, IdTable::Identities, new_identities)?;
+    let ids = Ids {
+        first_record,
+        sids: &sids,
+        first_identity,
+        eids: &eids,
+        written,
+    };
+    write_decided(conn, &org, &ids, decided, now, &mut results)?;
+    for (pos, p) in online {
+        let req = FeedRequest {
+            system: &p.system,
+            value: &p.value,
+            patient: &p.patient,
+        };
+        // A savepoint each: a refused update leaves the rest of the batch alone.
+        let r =
+            diesel::Connection::transaction(&mut *conn, |c| feed_in(c, s, &org, &req, &p.raw_ids));
+        results[pos] = Some(r);
+    }
+    let results: Vec<Result<FeedResult>> = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::internal("record left undecided"))))
+        .collect();
+    audit(conn, &results)?;
+    let newest = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|r| r.source_id))
+        .chain(sids.iter().copied())
+        .max()
+        .unwrap_or(0);
+    written.push(WrittenGroup {
+        group,
+        as_decided: true,
+        first_record,
+        records: sids,
+        first_identity,
+        identities: eids,
+        newest,
+    });
+    Ok(results)
+}
+
+/// A group whose decisions went stale, matched again inside the write transaction.
+fn redecide<A>(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    written: &mut Written,
+    m: Matched,
+    audit: A,
+) -> Result<Vec<Result<FeedResult>>>
+where
+    A: FnOnce(&mut DbConn, &[Result<FeedResult>]) -> Result<()>,
+{
+    let mut prepared: Vec<Result<Prepared>> = m
+        .results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::internal("record left undecided"))))
+        .map(|r| r.and_then(|_| Err(Error::internal("record decided twice"))))
+        .collect();
+    let records = m
+        .decided
+        .into_iter()
+        .map(|d| (d.pos, d.prepared))
+        .chain(m.online);
+    for (pos, p) in records {
+        if let Some(slot) = prepared.get_mut(pos) {
+            *slot = Ok(p);
+        }
+    }
+    written.matched_again += 1;
+    tracing::debug!(
+        group = m.group,
+        "a feed batch went stale before it was written; matched again"
+    );
+    let again = Matcher::default().match_prepared(conn, s, &m.org, prepared, None, 0)?;
+    let mut alone = Written::default();
+    let results = write_group(conn, s, &mut alone, again, None, audit)?;
+    let newest = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().map(|r| r.source_id))
+        .max()
+        .unwrap_or(0);
+    written.push(WrittenGroup {
+        group: m.group,
+        as_decided: false,
+        first_record: m.first_record,
+        records: Vec::new(),
+        first_identity: m.first_identity,
+        identities: Vec::new(),
+        newest,
+    });
+    Ok(results)
+}
+
+/// New records (the batch path) and the rest (the online path): records already stored or
+/// pending, and a second record under one identifier.
 #[allow(clippy::type_complexity)]
 fn split_new(
     conn: &mut DbConn,
+    pending: &VecDeque<PendingGroup>,
     prepared: Vec<(usize, Prepared)>,
 ) -> Result<(Vec<(usize, Prepared)>, Vec<(usize, Prepared)>)> {
     let mut by_system: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -241,7 +760,11 @@ fn split_new(
     let (mut fresh, mut online) = (Vec::new(), Vec::new());
     for (pos, p) in prepared {
         let id = (p.system.clone(), p.value.clone());
-        if p.merge || stored.contains(&id) || !seen.insert(id) {
+        if p.merge
+            || stored.contains(&id)
+            || pending.iter().any(|g| g.identifiers.contains(&id))
+            || !seen.insert(id)
+        {
             online.push((pos, p));
         } else {
             fresh.push((pos, p));
@@ -250,15 +773,23 @@ fn split_new(
     Ok((fresh, online))
 }
 
-/// Matches the new records in order, each against the stored candidates of its keys and the
-/// batch's earlier records.
-#[allow(clippy::type_complexity)]
-fn decide(
+/// The new records with what matching them needs from the database: per record its keys
+/// (numbered), per key its pending and stored records newest first, and the stored records
+/// any of them may be matched with.
+struct Gathered {
+    fresh: Vec<(usize, Prepared)>,
+    record_keys: Vec<Vec<usize>>,
+    by_key: Vec<Vec<i64>>,
+    stored: HashMap<i64, Candidate>,
+}
+
+fn gather(
     conn: &mut DbConn,
     s: &MpiSettings,
-    org: &Organization,
     fresh: Vec<(usize, Prepared)>,
-) -> Result<(Vec<Decided>, Vec<(usize, Prepared)>)> {
+    pending: &VecDeque<PendingGroup>,
+    shadow: &HashSet<i64>,
+) -> Result<Gathered> {
     let limit = usize::try_from(s.max_candidates).unwrap_or(usize::MAX);
     // The batch's distinct keys, numbered; each record's keys by number.
     let mut numbers: HashMap<&str, usize> = HashMap::new();
@@ -280,12 +811,28 @@ fn decide(
     let mut stored_by_key: Vec<Vec<i64>> = vec![Vec::new(); keys.len()];
     for (key, id) in store::key_hits(conn, &keys)? {
         if let Some(&k) = numbers.get(key.as_str()) {
-            stored_by_key[k].push(id);
+            if !shadow.contains(&id) {
+                stored_by_key[k].push(id);
+            }
         }
     }
-    // Per record, its stored buckets (the batch's own records are added as it goes).
-    for b in &mut stored_by_key {
+    // Per key, the pending records first (newest first), then the stored ones newest first.
+    for (k, b) in stored_by_key.iter_mut().enumerate() {
         b.sort_unstable_by(|x, y| y.cmp(x));
+        let mut ids: Vec<i64> = pending
+            .iter()
+            .rev()
+            .flat_map(|g| {
+                g.keys
+                    .get(keys[k])
+                    .into_iter()
+                    .flat_map(move |ix| ix.iter().rev().map(move |&i| g.first + i as i64))
+            })
+            .collect();
+        if !ids.is_empty() {
+            ids.append(b);
+            *b = ids;
+        }
         b.truncate(store::BUCKET_READ as usize);
     }
     // The stored records any of them may be matched with: adding the batch's own records to
@@ -296,6 +843,7 @@ fn decide(
             let buckets: Vec<&[i64]> = ks.iter().map(|&k| stored_by_key[k].as_slice()).collect();
             store::rank_candidates(&buckets, limit)
         })
+        .filter(|id| *id < PENDING)
         .collect();
     wanted.sort_unstable();
     wanted.dedup();
@@ -314,21 +862,58 @@ fn decide(
             ))
         })
         .collect();
+    Ok(Gathered {
+        fresh,
+        record_keys,
+        by_key: stored_by_key,
+        stored,
+    })
+}
+
+/// Matches the new records in order, each against the stored candidates of its keys, the
+/// pending groups' records and the batch's earlier records. Returns the decided records, those
+/// left to the online path, and the decided ones as candidates (pending ids from
+/// `first_record`).
+#[allow(clippy::type_complexity)]
+fn decide(
+    s: &MpiSettings,
+    org: &Organization,
+    gathered: Gathered,
+    pending: &VecDeque<PendingGroup>,
+    first_record: i64,
+    first_identity: i64,
+) -> (Vec<Decided>, Vec<(usize, Prepared)>, Vec<Candidate>) {
+    let limit = usize::try_from(s.max_candidates).unwrap_or(usize::MAX);
+    let Gathered {
+        fresh,
+        record_keys,
+        by_key: stored_by_key,
+        stored,
+    } = gathered;
+    let pending_record = |id: i64| -> Option<&Candidate> {
+        pending.iter().find_map(|g| {
+            let k = usize::try_from(id.checked_sub(g.first)?).ok()?;
+            g.records.get(k)
+        })
+    };
 
     let mut decided: Vec<Decided> = Vec::with_capacity(fresh.len());
     let mut deferred = Vec::new();
     // The batch's decided records as candidates, and their keys.
     let mut batch: Vec<Candidate> = Vec::with_capacity(fresh.len());
-    let mut batch_by_key: Vec<Vec<usize>> = vec![Vec::new(); keys.len()];
+    let mut batch_by_key: Vec<Vec<usize>> = vec![Vec::new(); stored_by_key.len()];
     let mut new_identities = 0i64;
     let none = HashSet::new();
-    for ((pos, mut p), ks) in fresh.into_iter().zip(record_keys) {
-        // Batch records rank as newer than any stored one.
-        let batch_id = |k: usize| i64::MAX / 2 + k as i64;
+    for ((pos, p), ks) in fresh.into_iter().zip(record_keys) {
+        // The batch's records rank as newer than any pending or stored one.
         let buckets: Vec<Vec<i64>> = ks
             .iter()
             .map(|&k| {
-                let mut b: Vec<i64> = batch_by_key[k].iter().rev().map(|&j| batch_id(j)).collect();
+                let mut b: Vec<i64> = batch_by_key[k]
+                    .iter()
+                    .rev()
+                    .map(|&j| first_record + j as i64)
+                    .collect();
                 b.extend(&stored_by_key[k]);
                 b.truncate(store::BUCKET_READ as usize);
                 b
@@ -338,8 +923,10 @@ fn decide(
         let cands: Vec<&Candidate> = ranked
             .iter()
             .filter_map(|&id| {
-                if id >= i64::MAX / 2 {
-                    batch.get((id - i64::MAX / 2) as usize)
+                if id >= first_record {
+                    batch.get((id - first_record) as usize)
+                } else if id >= PENDING {
+                    pending_record(id)
                 } else {
                     stored.get(&id)
                 }
@@ -354,15 +941,15 @@ fn decide(
             Some(l) => l.enterprise_id,
             None => {
                 new_identities += 1;
-                -new_identities
+                first_identity + new_identities - 1
             }
         };
         let k = batch.len();
         batch.push(Candidate {
-            id: -(k as i64) - 1,
+            id: first_record + k as i64,
             org_id: org.id.to_string(),
             enterprise_id: eid,
-            demo: std::mem::take(&mut p.demo),
+            demo: p.demo.clone(),
         });
         for &key in &ks {
             batch_by_key[key].push(k);
@@ -374,14 +961,53 @@ fn decide(
             eval,
         });
     }
-    Ok((decided, deferred))
+    (decided, deferred, batch)
 }
 
-/// Allocates ids, writes every row of the decided records, rebuilds the stored identities
-/// they joined.
+/// The real ids behind a group's pending ones: its own, allocated now, and those of the
+/// groups written before it.
+struct Ids<'a> {
+    first_record: i64,
+    sids: &'a [i64],
+    first_identity: i64,
+    eids: &'a [i64],
+    written: &'a Written,
+}
+
+impl Ids<'_> {
+    fn own(first: i64, ids: &[i64], id: i64) -> Option<i64> {
+        let k = usize::try_from(id.checked_sub(first)?).ok()?;
+        ids.get(k).copied()
+    }
+
+    fn record(&self, id: i64) -> Result<i64> {
+        if id < PENDING {
+            return Ok(id);
+        }
+        Self::own(self.first_record, self.sids, id)
+            .or_else(|| self.written.resolve(id, false))
+            .ok_or_else(|| Error::internal("a pending record was never written"))
+    }
+
+    fn identity(&self, id: i64) -> Result<i64> {
+        if id < PENDING {
+            return Ok(id);
+        }
+        Self::own(self.first_identity, self.eids, id)
+            .or_else(|| self.written.resolve(id, true))
+            .ok_or_else(|| Error::internal("a pending identity was never written"))
+    }
+
+    fn is_new_identity(&self, id: i64) -> bool {
+        Self::own(self.first_identity, self.eids, id).is_some()
+    }
+}
+
+/// Writes every row of the decided records, rebuilds the stored identities they joined.
 fn write_decided(
     conn: &mut DbConn,
     org: &Organization,
+    ids: &Ids,
     decided: Vec<Decided>,
     now: i64,
     results: &mut [Option<Result<FeedResult>>],
@@ -389,38 +1015,24 @@ fn write_decided(
     if decided.is_empty() {
         return Ok(());
     }
-    let sids = store::allocate_ids(conn, IdTable::SourceRecords, decided.len())?;
-    let new_count = decided.iter().filter(|d| d.eid < 0).count();
-    let eids = store::allocate_ids(conn, IdTable::Identities, new_count)?;
-    let sid = |id: i64| -> i64 {
-        if id < 0 {
-            sids[(-id - 1) as usize]
-        } else {
-            id
-        }
-    };
-    let eid = |id: i64| -> i64 {
-        if id < 0 {
-            eids[(-id - 1) as usize]
-        } else {
-            id
-        }
-    };
     let mut rows = BulkRows::default();
-    // Members of the batch's new identities, newest first (survivorship).
+    // Members of the group's new identities, newest first (survivorship).
     let mut members: HashMap<i64, Vec<&Prepared>> = HashMap::new();
     let mut joined: Vec<i64> = Vec::new();
-    for d in decided.iter().rev().filter(|d| d.eid < 0) {
+    for d in decided.iter().rev().filter(|d| ids.is_new_identity(d.eid)) {
         members.entry(d.eid).or_default().push(&d.prepared);
     }
-    for n in 1..=new_count as i64 {
-        let golden = match members.get(&-n).map(Vec::as_slice) {
+    for (n, &id) in ids.eids.iter().enumerate() {
+        let golden = match members
+            .get(&(ids.first_identity + n as i64))
+            .map(Vec::as_slice)
+        {
             Some([only]) => only.golden.clone(),
             Some(several) => golden(&several.iter().map(|p| &p.patient).collect::<Vec<_>>()),
             None => "{}".into(),
         };
         rows.identities.push(NewIdentity {
-            id: eid(-n),
+            id,
             status: "active".into(),
             merged_into: None,
             golden,
@@ -430,8 +1042,9 @@ fn write_decided(
     }
     drop(members);
     for (k, d) in decided.into_iter().enumerate() {
-        let source_id = sids[k];
-        let enterprise_id = eid(d.eid);
+        let source_id = ids.sids[k];
+        let enterprise_id = ids.identity(d.eid)?;
+        let new_identity = ids.is_new_identity(d.eid);
         let p = d.prepared;
         let c = p.content;
         rows.sources.push(NewSource {
@@ -463,7 +1076,7 @@ fn write_decided(
         let best = d.eval.best();
         rows.decisions.push(NewDecision {
             source_id,
-            candidate_id: best.map(|b| sid(b.source_id)),
+            candidate_id: best.map(|b| ids.record(b.source_id)).transpose()?,
             outcome: d.eval.outcome().into(),
             score: best.map(|b| b.score.total),
             breakdown: best
@@ -474,7 +1087,7 @@ fn write_decided(
         for (c, kind) in &d.eval.reviews {
             rows.reviews.push(NewReview::new(
                 source_id,
-                sid(c.source_id),
+                ids.record(c.source_id)?,
                 kind,
                 c.score.total,
                 serde_json::to_string(&c.score).unwrap_or_default(),
@@ -482,7 +1095,7 @@ fn write_decided(
             ));
         }
         if let Some(l) = &d.eval.link {
-            let detail = json!({ "source": source_id, "candidate": sid(l.source_id), "score": l.score.total });
+            let detail = json!({ "source": source_id, "candidate": ids.record(l.source_id)?, "score": l.score.total });
             rows.history.push(NewHistory {
                 enterprise_id,
                 action: "link".into(),
@@ -490,8 +1103,8 @@ fn write_decided(
                 actor: None,
                 created_at: now,
             });
-            if d.eid > 0 {
-                joined.push(d.eid);
+            if !new_identity {
+                joined.push(enterprise_id);
             }
         }
         results[d.pos] = Some(Ok(FeedResult {

@@ -1,38 +1,28 @@
-//! The HTTP identity feed (ITI-104), batched. Concurrent `PUT Patient?identifier=` requests
-//! queue here; one task takes whatever has queued, feeds it through the batch path
-//! (`bulk::feed_many`, the online decisions in arrival order) in one transaction, and answers
-//! each request. Each record is audited on its own, as a single feed is. If the database fails
-//! the batch as a whole, each request is retried alone, so one request's conflict cannot fail
-//! the others.
+//! The HTTP identity feed (ITI-104), batched and pipelined. Concurrent
+//! `PUT Patient?identifier=` requests queue here. One task takes whatever has queued and
+//! matches it (`bulk::Matcher`, the online decisions in arrival order) on a reading
+//! connection, while the batch before it is written: the batches not yet written are
+//! candidates as if stored. A second task writes each batch in one transaction and answers
+//! each request; a batch whose matching went stale meanwhile (another write, a record added
+//! by anyone else, a batch before it not written as decided) is matched again as it is
+//! written. Each record is audited on its own, as a single feed is. If the database fails
+//! the batch as a whole, each request is retried alone, so one request's conflict cannot
+//! fail the others.
 
 use serde_json::Value;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use super::bulk::{feed_many, Submission};
+use super::bulk::{write_group, Matched, Matcher, Pipeline, Submission, Written};
 use super::{feed, feed_audit, FeedRequest, FeedResult, MpiSettings};
 use crate::audit::Actor;
 use crate::db::mpi::{self as store, SourceRow};
-use crate::db::{self, Db, DbConn, DbUrl};
+use crate::db::{self, Db, DbConn};
 use crate::error::{Error, Result};
 use crate::orgs::Organization;
 
 /// Requests fed in one transaction at most.
 const MAX_BATCH: usize = 256;
-
-/// Batches handed to the database at once. On SQLite two: the next batch is gathered and
-/// queued while one is written, so the writer is not left idle while the answers of the last
-/// batch travel back and the next requests arrive; batches still run one after the other on
-/// the writer — each sees everything fed before it — and only requests that were concurrent
-/// anyway can end up in either order. On PostgreSQL one: two batches would be two concurrent
-/// transactions, and batches about the same people lock the same identities in different
-/// orders (deadlocks, measured in the concurrent-feed test) or insert the same identifier.
-fn in_flight(db: &Db) -> usize {
-    match db.url() {
-        DbUrl::Sqlite(_) => 2,
-        DbUrl::Postgres(_) => 1,
-    }
-}
 
 type Answer = Result<(FeedResult, SourceRow)>;
 
@@ -85,15 +75,34 @@ impl FeedQueue {
     }
 }
 
+/// A batch on its way to the writer: its groups as matched (None if matching failed: each
+/// request is then fed alone), and for each group the requests its records came from.
+struct Work {
+    jobs: Vec<Job>,
+    answers: Vec<oneshot::Sender<Answer>>,
+    matched: Option<Vec<(Matched, Vec<usize>)>>,
+}
+
 async fn run(
     db: Db,
     settings: Arc<MpiSettings>,
     mut rx: mpsc::Receiver<(Job, oneshot::Sender<Answer>)>,
 ) {
-    let in_flight = Arc::new(Semaphore::new(in_flight(&db)));
+    let pipe = Arc::new(Pipeline::new(db.writes()));
+    let matcher = Arc::new(std::sync::Mutex::new(Matcher::default()));
+    // One batch waits for the writer at most: the next is gathered, and matched, while the
+    // last is written.
+    let (to_writer, from_matcher) = mpsc::channel::<Work>(1);
+    tokio::spawn(write_loop(
+        db.clone(),
+        Arc::clone(&settings),
+        Arc::clone(&pipe),
+        from_matcher,
+    ));
     while let Some(first) = rx.recv().await {
-        // Wait for a free slot before gathering, so the batch takes whatever queued meanwhile.
-        let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+        // Wait until the writer can take a batch before gathering, so the batch takes
+        // whatever queued meanwhile.
+        let Ok(permit) = to_writer.reserve().await else {
             return;
         };
         let mut batch = vec![first];
@@ -103,39 +112,123 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let (db, settings) = (db.clone(), Arc::clone(&settings));
-        tokio::spawn(async move {
-            write_batch(&db, &settings, batch).await;
-            drop(permit);
+        let (jobs, answers): (Vec<Job>, Vec<oneshot::Sender<Answer>>) = batch.into_iter().unzip();
+        let (s, m, p, js) = (
+            Arc::clone(&settings),
+            Arc::clone(&matcher),
+            Arc::clone(&pipe),
+            jobs.clone(),
+        );
+        let matched = db.run(move |c| match_jobs(c, &s, &m, &p, js)).await;
+        if let Err(e) = &matched {
+            tracing::warn!(error = %e, "matching a feed batch failed; feeding its records one by one");
+        }
+        permit.send(Work {
+            jobs,
+            answers,
+            matched: matched.ok(),
         });
     }
 }
 
-/// Feeds one batch in one transaction and answers each request; if the database fails the
-/// batch, each request is retried alone.
-async fn write_batch(
-    db: &Db,
-    settings: &Arc<MpiSettings>,
-    batch: Vec<(Job, oneshot::Sender<Answer>)>,
-) {
-    let (jobs, answers): (Vec<Job>, Vec<oneshot::Sender<Answer>>) = batch.into_iter().unzip();
-    let s = Arc::clone(settings);
-    let retry = jobs.clone();
-    match db.write(move |c| feed_batch(c, &s, jobs)).await {
-        Ok(results) => {
-            for (answer, r) in answers.into_iter().zip(results) {
-                let _ = answer.send(r);
+/// Matches a batch on a reading connection, member by member (each member's records in
+/// arrival order).
+fn match_jobs(
+    c: &mut DbConn,
+    s: &MpiSettings,
+    matcher: &std::sync::Mutex<Matcher>,
+    pipe: &Pipeline,
+    jobs: Vec<Job>,
+) -> Result<Vec<(Matched, Vec<usize>)>> {
+    let mut matcher = matcher.lock().unwrap_or_else(|e| e.into_inner());
+    let mut orgs: Vec<Organization> = Vec::new();
+    for j in &jobs {
+        if !orgs.iter().any(|o| o.id == j.org.id) {
+            orgs.push(j.org.clone());
+        }
+    }
+    let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+    let mut groups = Vec::with_capacity(orgs.len());
+    for org in orgs {
+        let mut at = Vec::new();
+        let mut subs = Vec::new();
+        for (i, slot) in jobs.iter_mut().enumerate() {
+            if slot.as_ref().is_some_and(|j| j.org.id == org.id) {
+                if let Some(j) = slot.take() {
+                    at.push(i);
+                    subs.push(Submission {
+                        patient: j.patient,
+                        under: Some((j.system, j.value)),
+                    });
+                }
             }
         }
-        // Each request once more, alone: one request's conflict must not fail the others, and
-        // on PostgreSQL a conflict with another writer (a deadlock, a unique violation raised
-        // once the other committed) goes through the second time.
-        Err(_) => {
-            for (job, answer) in retry.into_iter().zip(answers) {
-                let s = Arc::clone(settings);
-                let r = db.write(move |c| feed_alone(c, &s, &job)).await;
-                let _ = answer.send(r);
+        // After a group that changes more than it adds, the rest of the batch cannot be
+        // matched before it is written: it is matched as it is written.
+        if matcher.needs_flush() && !groups.is_empty() {
+            groups.push((matcher.unmatched(s, &org, subs), at));
+            continue;
+        }
+        match matcher.match_group(c, s, &org, subs, Some(pipe)) {
+            Ok(m) => groups.push((m, at)),
+            Err(e) => {
+                if let Some((m, _)) = groups.first() {
+                    matcher.discard_from(m.group());
+                }
+                return Err(e);
             }
+        }
+    }
+    Ok(groups)
+}
+
+/// Writes the batches in order, each in one transaction, and answers each request. If the
+/// database fails a batch, each of its requests is retried alone.
+async fn write_loop(
+    db: Db,
+    settings: Arc<MpiSettings>,
+    pipe: Arc<Pipeline>,
+    mut rx: mpsc::Receiver<Work>,
+) {
+    let mut written = Written::default();
+    while let Some(Work {
+        jobs,
+        answers,
+        matched,
+    }) = rx.recv().await
+    {
+        let last = matched
+            .as_ref()
+            .and_then(|g| g.last().map(|(m, _)| m.group()));
+        let outcome = match matched {
+            Some(groups) => {
+                let (s, p, w) = (Arc::clone(&settings), Arc::clone(&pipe), written.clone());
+                let actors: Vec<Actor> = jobs.iter().map(|j| j.actor.clone()).collect();
+                db.write_uncounted(move |c| write_groups(c, &s, &p, w, groups, &actors))
+                    .await
+            }
+            None => Err(Error::unavailable("not matched")),
+        };
+        match outcome {
+            Ok((results, w)) => {
+                written = w;
+                for (answer, r) in answers.into_iter().zip(results) {
+                    let _ = answer.send(r);
+                }
+            }
+            // Each request once more, alone: one request's conflict must not fail the others,
+            // and on PostgreSQL a conflict with another writer (a deadlock, a unique violation
+            // raised once the other committed) goes through the second time.
+            Err(_) => {
+                for (job, answer) in jobs.into_iter().zip(answers) {
+                    let s = Arc::clone(&settings);
+                    let r = db.write(move |c| feed_alone(c, &s, &job)).await;
+                    let _ = answer.send(r);
+                }
+            }
+        }
+        if let Some(g) = last {
+            pipe.finished(g);
         }
     }
 }
@@ -153,37 +246,26 @@ fn feed_alone(c: &mut DbConn, s: &MpiSettings, job: &Job) -> Answer {
     Ok((r, row))
 }
 
-/// The batch, member by member (each member's records in arrival order).
-fn feed_batch(c: &mut DbConn, s: &MpiSettings, jobs: Vec<Job>) -> Result<Vec<Answer>> {
-    let mut answers: Vec<Option<Answer>> = (0..jobs.len()).map(|_| None).collect();
-    let mut orgs: Vec<Organization> = Vec::new();
-    for j in &jobs {
-        if !orgs.iter().any(|o| o.id == j.org.id) {
-            orgs.push(j.org.clone());
-        }
-    }
-    let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
-    for org in orgs {
-        let mut at = Vec::new();
-        let mut subs = Vec::new();
-        let mut actors = Vec::new();
-        for (i, slot) in jobs.iter_mut().enumerate() {
-            if slot.as_ref().is_some_and(|j| j.org.id == org.id) {
-                if let Some(j) = slot.take() {
-                    at.push(i);
-                    actors.push(j.actor);
-                    subs.push(Submission {
-                        patient: j.patient,
-                        under: Some((j.system, j.value)),
-                    });
-                }
-            }
-        }
-        let results = feed_many(c, s, &org, subs, |c, rs| {
+/// Writes a batch's groups in order inside the writer's transaction; returns the answers and
+/// what the writer now knows of the groups written.
+fn write_groups(
+    c: &mut DbConn,
+    s: &MpiSettings,
+    pipe: &Pipeline,
+    mut written: Written,
+    groups: Vec<(Matched, Vec<usize>)>,
+    actors: &[Actor],
+) -> Result<(Vec<Answer>, Written)> {
+    let mut answers: Vec<Option<Answer>> = (0..actors.len()).map(|_| None).collect();
+    for (m, at) in groups {
+        let results = write_group(c, s, &mut written, m, Some(pipe), |c, rs| {
             let records: Vec<_> = rs
                 .iter()
-                .zip(&actors)
-                .filter_map(|(r, a)| r.as_ref().ok().map(|r| feed_audit(a, r)))
+                .zip(&at)
+                .filter_map(|(r, &i)| {
+                    let actor = actors.get(i)?;
+                    r.as_ref().ok().map(|r| feed_audit(actor, r))
+                })
                 .collect();
             db::audit::append(c, &records).map(|_| ())
         })?;
@@ -196,18 +278,22 @@ fn feed_batch(c: &mut DbConn, s: &MpiSettings, jobs: Vec<Job>) -> Result<Vec<Ans
             .map(|row| (row.id, row))
             .collect();
         for (i, r) in at.into_iter().zip(results) {
-            answers[i] = Some(r.and_then(|r| {
+            let answer = r.and_then(|r| {
                 // A record sent twice in one batch is one row: the last answer takes it.
                 let row = match rows.get(&r.source_id) {
                     Some(row) => row.clone(),
                     None => return Err(Error::internal("record vanished")),
                 };
                 Ok((r, row))
-            }));
+            });
+            if let Some(slot) = answers.get_mut(i) {
+                *slot = Some(answer);
+            }
         }
     }
-    Ok(answers
+    let answers = answers
         .into_iter()
         .map(|a| a.unwrap_or_else(|| Err(Error::internal("request left unanswered"))))
-        .collect())
+        .collect();
+    Ok((answers, written))
 }
