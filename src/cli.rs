@@ -642,8 +642,11 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
     let actor = Actor::cli();
     let started = std::time::Instant::now();
     let pipe = Pipeline::new(db.writes());
-    let (to_writer, batches) =
-        std::sync::mpsc::sync_channel::<(crate::mpi::bulk::Matched, Vec<usize>)>(1);
+    // On SQLite the writer's connection also does the matcher's reads: its page cache is warm,
+    // where another connection's is emptied by every commit it did not make. On PostgreSQL
+    // the buffers are shared: the matcher reads on its own connection, alongside the writes.
+    let reads_on_writer = conn.is_sqlite();
+    let (to_writer, jobs) = std::sync::mpsc::sync_channel::<ImportJob>(2);
     let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
     let mut read_failed = 0u64;
     let mut matched_again = 0u64;
@@ -652,11 +655,20 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             let mut conn = connect()?;
             let mut written = Written::default();
             let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
-            for (n, (m, numbers)) in batches.into_iter().enumerate() {
+            let mut n = 0usize;
+            for job in jobs {
+                let (m, numbers) = match job {
+                    ImportJob::Read(read, reply) => {
+                        let _ = reply.send(read.run(&mut conn, &settings, Some(&pipe)));
+                        continue;
+                    }
+                    ImportJob::Write(m, numbers) => (*m, numbers),
+                };
+                n += 1;
                 // A load into empty tables leaves PostgreSQL planning with the statistics of
                 // an empty table (sequential scans for every candidate lookup); refresh them
                 // as the tables grow.
-                if !conn.is_sqlite() && (n == 1 || (n > 0 && n % 4 == 0)) {
+                if !conn.is_sqlite() && (n == 2 || n % 4 == 1) {
                     diesel::connection::SimpleConnection::batch_execute(
                         &mut *conn,
                         "ANALYZE blocking_keys, source_records, source_identifiers, identities",
@@ -720,6 +732,9 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             r
         });
         let mut matcher = Matcher::default();
+        let mut held = None;
+        // The writer stopped: its error is the one reported.
+        let stopped = || Error::unavailable("the import's writer stopped");
         let mut lines = reader.lines().enumerate().peekable();
         let matching = (|| -> Result<()> {
             while lines.peek().is_some() {
@@ -745,11 +760,44 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
                         }
                     }
                 }
-                let m = matcher.match_group(&mut conn, &settings, &org, patients, Some(&pipe))?;
-                if to_writer.send((m, numbers)).is_err() {
-                    // The writer stopped: its error is the one to report.
-                    break;
+                // The batch matched last is written while this one is read and matched; first,
+                // if its online records change what this one must see (`begin` waits for it).
+                if matcher.needs_flush() {
+                    if let Some((m, numbers)) = held.take() {
+                        to_writer
+                            .send(ImportJob::Write(m, numbers))
+                            .map_err(|_| stopped())?;
+                    }
                 }
+                let read = matcher.begin(&settings, &org, patients, Some(&pipe))?;
+                let reading = if reads_on_writer {
+                    let (reply, answer) = std::sync::mpsc::channel();
+                    to_writer
+                        .send(ImportJob::Read(read, reply))
+                        .map_err(|_| stopped())?;
+                    if let Some((m, numbers)) = held.take() {
+                        to_writer
+                            .send(ImportJob::Write(m, numbers))
+                            .map_err(|_| stopped())?;
+                    }
+                    answer.recv().map_err(|_| stopped())??
+                } else {
+                    if let Some((m, numbers)) = held.take() {
+                        to_writer
+                            .send(ImportJob::Write(m, numbers))
+                            .map_err(|_| stopped())?;
+                    }
+                    read.run(&mut conn, &settings, Some(&pipe))?
+                };
+                held = Some((
+                    Box::new(matcher.finish(&settings, &org, reading, true)),
+                    numbers,
+                ));
+            }
+            if let Some((m, numbers)) = held.take() {
+                to_writer
+                    .send(ImportJob::Write(m, numbers))
+                    .map_err(|_| stopped())?;
             }
             Ok(())
         })();
@@ -775,6 +823,17 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
         );
     }
     Ok(())
+}
+
+/// What `hie import`'s matcher hands its writer thread, in order.
+enum ImportJob {
+    /// Read for the next batch (on SQLite, on the writer's connection) and answer.
+    Read(
+        crate::mpi::bulk::ReadRequest,
+        std::sync::mpsc::Sender<Result<crate::mpi::bulk::Reading>>,
+    ),
+    /// Write a matched batch (file line numbers of its records).
+    Write(Box<crate::mpi::bulk::Matched>, Vec<usize>),
 }
 
 /// `src-A..src-B` for the audit trail of a bulk load.

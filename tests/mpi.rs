@@ -1397,8 +1397,8 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
         ))]
     };
     let write = |conn: &mut hie_broker::db::PooledConn,
-                     written: &mut Written,
-                     m: hie_broker::mpi::bulk::Matched| {
+                 written: &mut Written,
+                 m: hie_broker::mpi::bulk::Matched| {
         let group = m.group();
         let r = hie_broker::db::write_tx(conn, |c| {
             write_group(c, &l.settings, written, m, Some(&pipe), |_, _| Ok(()))
@@ -1465,6 +1465,28 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
     let e = write(&mut l.conn, &mut written, next);
     assert_eq!(written.matched_again(), 2);
     assert_eq!(e.enterprise_id, d.enterprise_id);
+
+    // A read taken while a batch is pending can run after that batch is written: the stored
+    // copy is dropped, not scored a second time (it was: twins, held for review, queued the
+    // same review twice and the batch was refused).
+    let pending = match_one(one("P-7", "Anna", "Okafor", "1985-02-03"));
+    let read = matcher
+        .begin(
+            &l.settings,
+            &l.org,
+            one("P-8", "Emma", "Okafor", "1985-02-03"),
+            Some(&pipe),
+        )
+        .expect("begin");
+    let f = write(&mut l.conn, &mut written, pending);
+    let reading = read
+        .run(&mut reader, &l.settings, Some(&pipe))
+        .expect("read");
+    let late = matcher.finish(&l.settings, &l.org, reading, true);
+    let h = write(&mut l.conn, &mut written, late);
+    assert_ne!(h.enterprise_id, f.enterprise_id, "twins are never linked");
+    assert_eq!(h.reviews_queued, 1, "one potential duplicate, not two");
+    assert_eq!(written.matched_again(), 2);
 }
 on_both_backends!(pipelined_matching_sees_unwritten_batches_and_notices_stale_ones);
 

@@ -309,6 +309,47 @@ impl Db {
             .map_err(|_| Error::unavailable("the database writer has stopped"))?
     }
 
+    /// Reads on the SQLite writer's connection (its page cache is warm: another connection's
+    /// is emptied by every commit it did not make), queued behind the writes already
+    /// submitted and answered as soon as it ran — it writes nothing, so waits for no commit.
+    /// It may see writes of its group that are not committed yet: for callers that check
+    /// what they read against `writes` (the identity feed's matcher). On PostgreSQL, a read
+    /// on the pool. The job is queued before this returns; await the answer.
+    pub fn read_on_writer<T, F>(
+        &self,
+        f: F,
+    ) -> impl std::future::Future<Output = Result<T>> + Send + 'static
+    where
+        F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (answer, wait) = tokio::sync::oneshot::channel::<Result<T>>();
+        match &self.writer {
+            Some(writer) => {
+                let job: WriteJob = Box::new(move |conn| {
+                    let _ = answer.send(conn.transaction(f));
+                    Box::new(|_| {})
+                });
+                if let Err(std::sync::mpsc::TrySendError::Full(job)) = writer.try_send(job) {
+                    // A full queue: wait for room off the executor (the read then runs a
+                    // little later, which costs time, not correctness).
+                    let writer = writer.clone();
+                    tokio::task::spawn_blocking(move || writer.send(job));
+                }
+            }
+            None => {
+                let db = self.clone();
+                tokio::spawn(async move {
+                    let _ = answer.send(db.run(f).await);
+                });
+            }
+        }
+        async move {
+            wait.await
+                .map_err(|_| Error::unavailable("the database writer has stopped"))?
+        }
+    }
+
     /// For /readyz.
     pub async fn ping(&self) -> Result<()> {
         self.run(|c| c.batch_execute("SELECT 1").map_err(Error::from))

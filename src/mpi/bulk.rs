@@ -230,7 +230,7 @@ impl Matched {
 /// transaction; in a `Pipeline` it matches the next group on a reading connection while the
 /// last is written, taking the decided-but-unwritten groups as candidates as if stored.
 pub struct Matcher {
-    pending: VecDeque<PendingGroup>,
+    pending: VecDeque<Arc<PendingGroup>>,
     next_record: i64,
     next_identity: i64,
     next_group: u64,
@@ -251,8 +251,7 @@ impl Default for Matcher {
 }
 
 impl Matcher {
-    /// Matches one member's records. With `pipe`, in a read transaction of its own (a
-    /// consistent snapshot); without, inside the caller's write transaction.
+    /// Matches one member's records: `begin`, `ReadRequest::run` on `conn`, `finish`.
     pub fn match_group(
         &mut self,
         conn: &mut DbConn,
@@ -261,20 +260,111 @@ impl Matcher {
         subs: Vec<Submission>,
         pipe: Option<&Pipeline>,
     ) -> Result<Matched> {
+        let read = self.begin(s, org, subs, pipe)?;
+        let reading = read.run(conn, s, pipe)?;
+        Ok(self.finish(s, org, reading, pipe.is_some()))
+    }
+
+    /// Validates and normalises the records (every core, no database), and says what to read
+    /// for them. With `pipe`: first waits for a group whose online records the next must see,
+    /// forgets the groups now written, and notes the count of other writes — before the
+    /// snapshot, so a write finishing meanwhile makes the group look stale (decided again
+    /// when written), never fresh.
+    pub fn begin(
+        &mut self,
+        s: &MpiSettings,
+        org: &Organization,
+        subs: Vec<Submission>,
+        pipe: Option<&Pipeline>,
+    ) -> Result<ReadRequest> {
         let prepared = prepare_all(s, org, subs);
-        let Some(pipe) = pipe else {
-            return self.match_prepared(conn, s, org, prepared, None, 0);
-        };
-        if let Some(g) = self.flush_after.take() {
-            pipe.wait_finished(g)?;
+        let mut generation = 0;
+        if let Some(pipe) = pipe {
+            if let Some(g) = self.flush_after.take() {
+                pipe.wait_finished(g)?;
+            }
+            let (done, writes) = pipe.begin();
+            generation = writes;
+            while self.pending.front().is_some_and(|g| g.group < done) {
+                self.pending.pop_front();
+            }
         }
-        // Read before the snapshot: a write finishing meanwhile makes the group look stale
-        // (decided again when written), never fresh.
-        let (done, generation) = pipe.begin();
-        while self.pending.front().is_some_and(|g| g.group < done) {
-            self.pending.pop_front();
+        Ok(ReadRequest {
+            prepared,
+            pending: self.pending.iter().cloned().collect(),
+            generation,
+        })
+    }
+
+    /// Decides the records in order with what was read; with `pipelined`, keeps them as
+    /// candidates for the groups matched next, until written.
+    pub fn finish(
+        &mut self,
+        s: &MpiSettings,
+        org: &Organization,
+        reading: Reading,
+        pipelined: bool,
+    ) -> Matched {
+        let Reading {
+            results,
+            mut online,
+            gathered,
+            newest_record,
+            generation,
+        } = reading;
+        let group = self.next_group;
+        self.next_group += 1;
+        let first_record = self.next_record;
+        let first_identity = self.next_identity;
+        let (decided, deferred, mine) = decide(
+            s,
+            org,
+            gathered,
+            &self.pending,
+            first_record,
+            first_identity,
+        );
+        online.extend(deferred);
+        online.sort_by_key(|(pos, _)| *pos);
+        let new_identities = decided.iter().filter(|d| d.eid >= first_identity).count();
+        self.next_record += decided.len() as i64;
+        self.next_identity += new_identities as i64;
+        let depends_on = self.pending.iter().map(|g| g.group).collect();
+        if pipelined {
+            let identifiers = decided
+                .iter()
+                .map(|d| (d.prepared.system.clone(), d.prepared.value.clone()))
+                .collect();
+            let mut keys: HashMap<String, Vec<usize>> = HashMap::new();
+            for (k, d) in decided.iter().enumerate() {
+                for key in &d.prepared.keys {
+                    keys.entry(key.clone()).or_default().push(k);
+                }
+            }
+            self.pending.push_back(Arc::new(PendingGroup {
+                group,
+                first: first_record,
+                records: mine,
+                keys,
+                identifiers,
+            }));
+            if !online.is_empty() {
+                self.flush_after = Some(group);
+            }
         }
-        self.match_prepared(conn, s, org, prepared, Some(pipe), generation)
+        Matched {
+            group,
+            org: org.clone(),
+            results,
+            decided,
+            online,
+            first_record,
+            first_identity,
+            new_identities,
+            depends_on,
+            generation,
+            newest_record,
+        }
     }
 
     /// One member's records left to be matched as they are written: a group of the same
@@ -327,16 +417,41 @@ impl Matcher {
             self.flush_after = None;
         }
     }
+}
 
-    fn match_prepared(
-        &mut self,
+/// What matching a group reads from the database (`Matcher::begin`). It can run on any
+/// connection — on SQLite best the writer's, whose page cache is warm — while the matcher
+/// waits.
+pub struct ReadRequest {
+    prepared: Vec<Result<Prepared>>,
+    pending: Vec<Arc<PendingGroup>>,
+    generation: u64,
+}
+
+/// What was read for a group (`ReadRequest::run`), for `Matcher::finish`.
+pub struct Reading {
+    results: Vec<Option<Result<FeedResult>>>,
+    online: Vec<(usize, Prepared)>,
+    gathered: Gathered,
+    newest_record: i64,
+    generation: u64,
+}
+
+impl ReadRequest {
+    /// Reads in one transaction of its own (a savepoint inside the caller's, if any;
+    /// PostgreSQL: REPEATABLE READ, READ ONLY when it is the outermost), held no longer than
+    /// the reads: a long reader keeps SQLite's write-ahead log from starting over.
+    pub fn run(
+        self,
         conn: &mut DbConn,
         s: &MpiSettings,
-        org: &Organization,
-        prepared: Vec<Result<Prepared>>,
         pipe: Option<&Pipeline>,
-        generation: u64,
-    ) -> Result<Matched> {
+    ) -> Result<Reading> {
+        let ReadRequest {
+            prepared,
+            pending,
+            generation,
+        } = self;
         let mut results: Vec<Option<Result<FeedResult>>> = Vec::with_capacity(prepared.len());
         let mut candidates: Vec<(usize, Prepared)> = Vec::new();
         for (pos, p) in prepared.into_iter().enumerate() {
@@ -348,11 +463,15 @@ impl Matcher {
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        let group = self.next_group;
-        self.next_group += 1;
-        let pending = &self.pending;
-        // Everything read from the database, before any record is scored.
-        let read = |c: &mut DbConn| -> Result<_> {
+        use diesel::connection::{TransactionManager, TransactionManagerStatus};
+        let outermost = matches!(
+            <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
+            TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
+        );
+        conn.transaction(|c| {
+            if outermost && !c.is_sqlite() {
+                c.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
+            }
             let newest_record = store::newest_id(c, IdTable::SourceRecords)?;
             // Records of groups both pending here and already in the snapshot: the pending
             // copy stands (their real ids were published before the commit).
@@ -360,73 +479,15 @@ impl Matcher {
                 Some(p) => p.published(pending.iter().map(|g| g.group)),
                 None => HashSet::new(),
             };
-            let (fresh, online) = split_new(c, pending, candidates)?;
-            let gathered = gather(c, s, fresh, pending, &shadow)?;
-            Ok((newest_record, online, gathered))
-        };
-        let (newest_record, mut online, gathered) = match pipe {
-            // One snapshot for all of it, held no longer than the reads (a long reader keeps
-            // SQLite's write-ahead log from starting over).
-            Some(_) => conn.transaction(|c| {
-                if !c.is_sqlite() {
-                    c.batch_execute(
-                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-                    )?;
-                }
-                read(c)
-            })?,
-            None => read(conn)?,
-        };
-        let first_record = self.next_record;
-        let first_identity = self.next_identity;
-        let (decided, deferred, mine) = decide(
-            s,
-            org,
-            gathered,
-            &self.pending,
-            first_record,
-            first_identity,
-        );
-        online.extend(deferred);
-        online.sort_by_key(|(pos, _)| *pos);
-        let new_identities = decided.iter().filter(|d| d.eid >= first_identity).count();
-        self.next_record += decided.len() as i64;
-        self.next_identity += new_identities as i64;
-        let depends_on = self.pending.iter().map(|g| g.group).collect();
-        if pipe.is_some() {
-            let identifiers = decided
-                .iter()
-                .map(|d| (d.prepared.system.clone(), d.prepared.value.clone()))
-                .collect();
-            let mut keys: HashMap<String, Vec<usize>> = HashMap::new();
-            for (k, d) in decided.iter().enumerate() {
-                for key in &d.prepared.keys {
-                    keys.entry(key.clone()).or_default().push(k);
-                }
-            }
-            self.pending.push_back(PendingGroup {
-                group,
-                first: first_record,
-                records: mine,
-                keys,
-                identifiers,
-            });
-            if !online.is_empty() {
-                self.flush_after = Some(group);
-            }
-        }
-        Ok(Matched {
-            group,
-            org: org.clone(),
-            results,
-            decided,
-            online,
-            first_record,
-            first_identity,
-            new_identities,
-            depends_on,
-            generation,
-            newest_record,
+            let (fresh, online) = split_new(c, &pending, candidates)?;
+            let gathered = gather(c, s, fresh, &pending, &shadow)?;
+            Ok(Reading {
+                results,
+                online,
+                gathered,
+                newest_record,
+                generation,
+            })
         })
     }
 }
@@ -468,8 +529,6 @@ impl Pipeline {
     pub fn finished(&self, group: u64) {
         let mut st = self.lock();
         st.done = st.done.max(group + 1);
-        let done = st.done;
-        st.published.retain(|g, _| *g >= done);
         drop(st);
         self.finished.notify_all();
     }
@@ -489,8 +548,14 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The groups finished and the count of other writes, before a read. The matcher forgets
+    /// the finished groups now, so their published ids go too — not when they finish: a read
+    /// that still takes a group as pending needs them to drop its stored copy.
     fn begin(&self) -> (u64, u64) {
-        let done = self.lock().done;
+        let mut st = self.lock();
+        let done = st.done;
+        st.published.retain(|g, _| *g >= done);
+        drop(st);
         (done, self.writes.load(Ordering::SeqCst))
     }
 
@@ -586,9 +651,25 @@ where
 {
     let prepared = prepare_all(s, org, patients);
     db::write_tx(conn, |conn| {
-        let m = Matcher::default().match_prepared(conn, s, org, prepared, None, 0)?;
+        let m = match_now(conn, s, org, prepared)?;
         write_group(conn, s, &mut Written::default(), m, None, audit)
     })
+}
+
+/// Matches prepared records on the database as it is, inside the caller's transaction.
+fn match_now(
+    conn: &mut DbConn,
+    s: &MpiSettings,
+    org: &Organization,
+    prepared: Vec<Result<Prepared>>,
+) -> Result<Matched> {
+    let read = ReadRequest {
+        prepared,
+        pending: Vec::new(),
+        generation: 0,
+    };
+    let reading = read.run(conn, s, None)?;
+    Ok(Matcher::default().finish(s, org, reading, false))
 }
 
 /// Writes a matched group inside the caller's write transaction: as decided when nothing it
@@ -718,7 +799,7 @@ where
         group = m.group,
         "a feed batch went stale before it was written; matched again"
     );
-    let again = Matcher::default().match_prepared(conn, s, &m.org, prepared, None, 0)?;
+    let again = match_now(conn, s, &m.org, prepared)?;
     let mut alone = Written::default();
     let results = write_group(conn, s, &mut alone, again, None, audit)?;
     let newest = results
@@ -743,7 +824,7 @@ where
 #[allow(clippy::type_complexity)]
 fn split_new(
     conn: &mut DbConn,
-    pending: &VecDeque<PendingGroup>,
+    pending: &[Arc<PendingGroup>],
     prepared: Vec<(usize, Prepared)>,
 ) -> Result<(Vec<(usize, Prepared)>, Vec<(usize, Prepared)>)> {
     let mut by_system: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -787,7 +868,7 @@ fn gather(
     conn: &mut DbConn,
     s: &MpiSettings,
     fresh: Vec<(usize, Prepared)>,
-    pending: &VecDeque<PendingGroup>,
+    pending: &[Arc<PendingGroup>],
     shadow: &HashSet<i64>,
 ) -> Result<Gathered> {
     let limit = usize::try_from(s.max_candidates).unwrap_or(usize::MAX);
@@ -879,7 +960,7 @@ fn decide(
     s: &MpiSettings,
     org: &Organization,
     gathered: Gathered,
-    pending: &VecDeque<PendingGroup>,
+    pending: &VecDeque<Arc<PendingGroup>>,
     first_record: i64,
     first_identity: i64,
 ) -> (Vec<Decided>, Vec<(usize, Prepared)>, Vec<Candidate>) {

@@ -90,8 +90,7 @@ async fn run(
 ) {
     let pipe = Arc::new(Pipeline::new(db.writes()));
     let matcher = Arc::new(std::sync::Mutex::new(Matcher::default()));
-    // One batch waits for the writer at most: the next is gathered, and matched, while the
-    // last is written.
+    // One batch waits for the writer at most.
     let (to_writer, from_matcher) = mpsc::channel::<Work>(1);
     tokio::spawn(write_loop(
         db.clone(),
@@ -99,11 +98,28 @@ async fn run(
         Arc::clone(&pipe),
         from_matcher,
     ));
-    while let Some(first) = rx.recv().await {
-        // Wait until the writer can take a batch before gathering, so the batch takes
-        // whatever queued meanwhile.
-        let Ok(permit) = to_writer.reserve().await else {
-            return;
+    // The batch matched last, held until the next batch's reads are queued ahead of its write
+    // (on SQLite both run on the writer's connection): the next is matched while it is
+    // written. With nothing waiting, it goes at once.
+    let mut held: Option<Work> = None;
+    loop {
+        let first = match held.take() {
+            Some(work) => match rx.try_recv() {
+                Ok(j) => {
+                    held = Some(work);
+                    j
+                }
+                Err(_) => {
+                    if to_writer.send(work).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            },
+            None => match rx.recv().await {
+                Some(j) => j,
+                None => return,
+            },
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -113,17 +129,24 @@ async fn run(
             }
         }
         let (jobs, answers): (Vec<Job>, Vec<oneshot::Sender<Answer>>) = batch.into_iter().unzip();
-        let (s, m, p, js) = (
-            Arc::clone(&settings),
-            Arc::clone(&matcher),
-            Arc::clone(&pipe),
-            jobs.clone(),
-        );
-        let matched = db.run(move |c| match_jobs(c, &s, &m, &p, js)).await;
+        let mut m = Matching {
+            db: &db,
+            settings: &settings,
+            matcher: &matcher,
+            pipe: &pipe,
+            held: &mut held,
+            to_writer: &to_writer,
+        };
+        let matched = m.batch(jobs.clone()).await;
         if let Err(e) = &matched {
             tracing::warn!(error = %e, "matching a feed batch failed; feeding its records one by one");
         }
-        permit.send(Work {
+        if let Some(work) = held.take() {
+            if to_writer.send(work).await.is_err() {
+                return;
+            }
+        }
+        held = Some(Work {
             jobs,
             answers,
             matched: matched.ok(),
@@ -131,55 +154,101 @@ async fn run(
     }
 }
 
-/// Matches a batch on a reading connection, member by member (each member's records in
-/// arrival order).
-fn match_jobs(
-    c: &mut DbConn,
-    s: &MpiSettings,
-    matcher: &std::sync::Mutex<Matcher>,
-    pipe: &Pipeline,
-    jobs: Vec<Job>,
-) -> Result<Vec<(Matched, Vec<usize>)>> {
-    let mut matcher = matcher.lock().unwrap_or_else(|e| e.into_inner());
-    let mut orgs: Vec<Organization> = Vec::new();
-    for j in &jobs {
-        if !orgs.iter().any(|o| o.id == j.org.id) {
-            orgs.push(j.org.clone());
+/// Matching one batch, member by member (each member's records in arrival order).
+struct Matching<'a> {
+    db: &'a Db,
+    settings: &'a Arc<MpiSettings>,
+    matcher: &'a Arc<std::sync::Mutex<Matcher>>,
+    pipe: &'a Arc<Pipeline>,
+    held: &'a mut Option<Work>,
+    to_writer: &'a mpsc::Sender<Work>,
+}
+
+/// Runs matcher work (normalising, scoring: CPU) off the async executor.
+async fn on_matcher<T, F>(matcher: &Arc<std::sync::Mutex<Matcher>>, f: F) -> Result<T>
+where
+    F: FnOnce(&mut Matcher) -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let matcher = Arc::clone(matcher);
+    tokio::task::spawn_blocking(move || f(&mut matcher.lock().unwrap_or_else(|e| e.into_inner())))
+        .await
+        .map_err(|e| Error::internal(format!("matching task failed: {e}")))
+}
+
+impl Matching<'_> {
+    async fn batch(&mut self, jobs: Vec<Job>) -> Result<Vec<(Matched, Vec<usize>)>> {
+        let mut orgs: Vec<Organization> = Vec::new();
+        for j in &jobs {
+            if !orgs.iter().any(|o| o.id == j.org.id) {
+                orgs.push(j.org.clone());
+            }
         }
-    }
-    let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
-    let mut groups = Vec::with_capacity(orgs.len());
-    for org in orgs {
-        let mut at = Vec::new();
-        let mut subs = Vec::new();
-        for (i, slot) in jobs.iter_mut().enumerate() {
-            if slot.as_ref().is_some_and(|j| j.org.id == org.id) {
-                if let Some(j) = slot.take() {
-                    at.push(i);
-                    subs.push(Submission {
-                        patient: j.patient,
-                        under: Some((j.system, j.value)),
-                    });
+        let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+        let mut groups: Vec<(Matched, Vec<usize>)> = Vec::with_capacity(orgs.len());
+        for org in orgs {
+            let mut at = Vec::new();
+            let mut subs = Vec::new();
+            for (i, slot) in jobs.iter_mut().enumerate() {
+                if slot.as_ref().is_some_and(|j| j.org.id == org.id) {
+                    if let Some(j) = slot.take() {
+                        at.push(i);
+                        subs.push(Submission {
+                            patient: j.patient,
+                            under: Some((j.system, j.value)),
+                        });
+                    }
+                }
+            }
+            match self.group(&org, subs, !groups.is_empty()).await {
+                Ok(m) => groups.push((m, at)),
+                Err(e) => {
+                    if let Some(first) = groups.first().map(|(m, _)| m.group()) {
+                        on_matcher(self.matcher, move |m| m.discard_from(first)).await?;
+                    }
+                    return Err(e);
                 }
             }
         }
+        Ok(groups)
+    }
+
+    async fn group(
+        &mut self,
+        org: &Organization,
+        subs: Vec<Submission>,
+        after_others: bool,
+    ) -> Result<Matched> {
+        let (s, o) = (Arc::clone(self.settings), org.clone());
+        let flush = on_matcher(self.matcher, |m| m.needs_flush()).await?;
         // After a group that changes more than it adds, the rest of the batch cannot be
         // matched before it is written: it is matched as it is written.
-        if matcher.needs_flush() && !groups.is_empty() {
-            groups.push((matcher.unmatched(s, &org, subs), at));
-            continue;
+        if flush && after_others {
+            return on_matcher(self.matcher, move |m| m.unmatched(&s, &o, subs)).await;
         }
-        match matcher.match_group(c, s, &org, subs, Some(pipe)) {
-            Ok(m) => groups.push((m, at)),
-            Err(e) => {
-                if let Some((m, _)) = groups.first() {
-                    matcher.discard_from(m.group());
-                }
-                return Err(e);
-            }
+        if flush {
+            // The held batch must be written before this one is read (`begin` waits for it).
+            self.send_held().await?;
         }
+        let p = Arc::clone(self.pipe);
+        let read = on_matcher(self.matcher, move |m| m.begin(&s, &o, subs, Some(&p))).await??;
+        let (s, p) = (Arc::clone(self.settings), Arc::clone(self.pipe));
+        let reading = self.db.read_on_writer(move |c| read.run(c, &s, Some(&p)));
+        self.send_held().await?;
+        let reading = reading.await?;
+        let (s, o) = (Arc::clone(self.settings), org.clone());
+        on_matcher(self.matcher, move |m| m.finish(&s, &o, reading, true)).await
     }
-    Ok(groups)
+
+    async fn send_held(&mut self) -> Result<()> {
+        if let Some(work) = self.held.take() {
+            self.to_writer
+                .send(work)
+                .await
+                .map_err(|_| Error::unavailable("the identity feed's writer has stopped"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes the batches in order, each in one transaction, and answers each request. If the
