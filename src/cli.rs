@@ -51,7 +51,7 @@ pub enum Command {
         org: String,
         file: PathBuf,
         /// Records per transaction (matched in order, written together).
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 50_000)]
         batch: usize,
     },
     /// The master patient index: review queue, links, merges.
