@@ -11,6 +11,9 @@
 //! batch's new records and in the same transaction: updates of stored records, a second record
 //! under an identifier already in the batch, merges (`link` replaced-by), and records whose
 //! match would merge two identities.
+//!
+//! Matching and writing are separate steps (`Matcher`, `write_group`), so that a `Pipeline`
+//! can match the next batch while the last is written; see ARCHITECTURE.md, "The pipeline".
 
 use diesel::connection::SimpleConnection;
 use diesel::Connection;
@@ -215,14 +218,6 @@ pub struct Matched {
 impl Matched {
     pub fn group(&self) -> u64 {
         self.group
-    }
-
-    pub fn len(&self) -> usize {
-        self.results.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.results.is_empty()
     }
 }
 
@@ -1061,22 +1056,27 @@ impl Ids<'_> {
         ids.get(k).copied()
     }
 
-    fn record(&self, id: i64) -> Result<i64> {
+    /// The real id of a source record (`identity` false) or an identity.
+    fn real(&self, id: i64, identity: bool) -> Result<i64> {
         if id < PENDING {
             return Ok(id);
         }
-        Self::own(self.first_record, self.sids, id)
-            .or_else(|| self.written.resolve(id, false))
-            .ok_or_else(|| Error::internal("a pending record was never written"))
+        let (first, ids) = if identity {
+            (self.first_identity, self.eids)
+        } else {
+            (self.first_record, self.sids)
+        };
+        Self::own(first, ids, id)
+            .or_else(|| self.written.resolve(id, identity))
+            .ok_or_else(|| Error::internal("a pending record or identity was never written"))
+    }
+
+    fn record(&self, id: i64) -> Result<i64> {
+        self.real(id, false)
     }
 
     fn identity(&self, id: i64) -> Result<i64> {
-        if id < PENDING {
-            return Ok(id);
-        }
-        Self::own(self.first_identity, self.eids, id)
-            .or_else(|| self.written.resolve(id, true))
-            .ok_or_else(|| Error::internal("a pending identity was never written"))
+        self.real(id, true)
     }
 
     fn is_new_identity(&self, id: i64) -> bool {
