@@ -1487,6 +1487,53 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
     assert_ne!(h.enterprise_id, f.enterprise_id, "twins are never linked");
     assert_eq!(h.reviews_queued, 1, "one potential duplicate, not two");
     assert_eq!(written.matched_again(), 2);
+
+    // Another process updates a record between a read on the writing connection and the
+    // write: on SQLite that connection's `data_version` moved, so the batch is matched again.
+    // (PostgreSQL has no such counter: there only added records are noticed, see
+    // ARCHITECTURE.md.)
+    let read = matcher
+        .begin(
+            &l.settings,
+            &l.org,
+            one("P-9", "Ruth", "Nakamura", "1958-12-30"),
+            Some(&pipe),
+        )
+        .expect("begin")
+        .on_writer();
+    let reading = read
+        .run(&mut l.conn, &l.settings, Some(&pipe))
+        .expect("read");
+    let ruth = matcher.finish(&l.settings, &l.org, reading, true);
+    let moved = patient(
+        "urn:hospital-a",
+        "P-1",
+        "Ingrid",
+        "Vasquez",
+        "1966-03-14",
+        "9 Other Rd",
+        "54321",
+        None,
+    );
+    hie_broker::mpi::feed(
+        &mut reader,
+        &l.settings,
+        &l.org,
+        &hie_broker::mpi::FeedRequest {
+            system: "urn:hospital-a",
+            value: "P-1",
+            patient: &moved,
+        },
+        &Actor::cli(),
+    )
+    .expect("update");
+    let r = write(&mut l.conn, &mut written, ruth);
+    assert_eq!(r.outcome, "new-identity");
+    let expected = match backend {
+        Backend::Sqlite => 3,
+        Backend::Postgres(_) => 2,
+    };
+    assert_eq!(written.matched_again(), expected);
 }
 on_both_backends!(pipelined_matching_sees_unwritten_batches_and_notices_stale_ones);
 

@@ -789,6 +789,20 @@ pub fn newest_id(conn: &mut DbConn, table: IdTable) -> Result<i64> {
     Ok(diesel::sql_query(q).get_result::<NextId>(conn)?.n)
 }
 
+#[derive(QueryableByName)]
+struct DataVersion {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    data_version: i64,
+}
+
+/// SQLite's `PRAGMA data_version` of this connection: it changes when another connection
+/// commits.
+pub fn data_version(conn: &mut DbConn) -> Result<i64> {
+    Ok(diesel::sql_query("PRAGMA data_version")
+        .get_result::<DataVersion>(conn)?
+        .data_version)
+}
+
 /// `n` fresh ids for rows inserted with explicit ids, ascending. On SQLite this runs inside the
 /// write transaction (no other writer); AUTOINCREMENT's counter follows the explicit ids. On
 /// PostgreSQL the ids come from the table's sequence, as a single-row insert's would.

@@ -213,6 +213,8 @@ pub struct Matched {
     /// The database as matched: the count of other writes before it, and its newest record.
     generation: u64,
     newest_record: i64,
+    /// SQLite's `data_version` of the writer's connection when it read for the group.
+    data_version: Option<i64>,
 }
 
 impl Matched {
@@ -288,6 +290,7 @@ impl Matcher {
             prepared,
             pending: self.pending.iter().cloned().collect(),
             generation,
+            on_writer: false,
         })
     }
 
@@ -306,6 +309,7 @@ impl Matcher {
             gathered,
             newest_record,
             generation,
+            data_version,
         } = reading;
         let group = self.next_group;
         self.next_group += 1;
@@ -359,6 +363,7 @@ impl Matcher {
             depends_on,
             generation,
             newest_record,
+            data_version,
         }
     }
 
@@ -397,6 +402,7 @@ impl Matcher {
             depends_on: vec![NEVER_WRITTEN],
             generation: 0,
             newest_record: 0,
+            data_version: None,
         }
     }
 
@@ -421,6 +427,7 @@ pub struct ReadRequest {
     prepared: Vec<Result<Prepared>>,
     pending: Vec<Arc<PendingGroup>>,
     generation: u64,
+    on_writer: bool,
 }
 
 /// What was read for a group (`ReadRequest::run`), for `Matcher::finish`.
@@ -430,9 +437,18 @@ pub struct Reading {
     gathered: Gathered,
     newest_record: i64,
     generation: u64,
+    data_version: Option<i64>,
 }
 
 impl ReadRequest {
+    /// The reads will run on the connection that writes the group (the SQLite writer's): the
+    /// write then also checks that no other connection — another process — committed since
+    /// (SQLite's `data_version`), which catches its link changes and updates too.
+    pub fn on_writer(mut self) -> ReadRequest {
+        self.on_writer = true;
+        self
+    }
+
     /// Reads in one transaction of its own (a savepoint inside the caller's, if any;
     /// PostgreSQL: REPEATABLE READ, READ ONLY when it is the outermost), held no longer than
     /// the reads: a long reader keeps SQLite's write-ahead log from starting over.
@@ -446,6 +462,7 @@ impl ReadRequest {
             prepared,
             pending,
             generation,
+            on_writer,
         } = self;
         let mut results: Vec<Option<Result<FeedResult>>> = Vec::with_capacity(prepared.len());
         let mut candidates: Vec<(usize, Prepared)> = Vec::new();
@@ -467,6 +484,10 @@ impl ReadRequest {
             if outermost && !c.is_sqlite() {
                 c.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
             }
+            let data_version = match on_writer && c.is_sqlite() {
+                true => Some(store::data_version(c)?),
+                false => None,
+            };
             let newest_record = store::newest_id(c, IdTable::SourceRecords)?;
             // Records of groups both pending here and already in the snapshot: the pending
             // copy stands (their real ids were published before the commit).
@@ -482,6 +503,7 @@ impl ReadRequest {
                 gathered,
                 newest_record,
                 generation,
+                data_version,
             })
         })
     }
@@ -662,6 +684,7 @@ fn match_now(
         prepared,
         pending: Vec::new(),
         generation: 0,
+        on_writer: false,
     };
     let reading = read.run(conn, s, None)?;
     Ok(Matcher::default().finish(s, org, reading, false))
@@ -690,7 +713,11 @@ where
             m.decided.len(),
         )?),
         Some(p) => match written.newest_of(&m.depends_on) {
-            Some(newest) if p.generation() == m.generation => {
+            Some(newest)
+                if p.generation() == m.generation
+                    && m.data_version
+                        .map_or(Ok(true), |v| store::data_version(conn).map(|now| now == v))? =>
+            {
                 // The ids continue from the newest record the group was matched with: no
                 // record was added by anyone else since.
                 let newest = newest.max(m.newest_record);

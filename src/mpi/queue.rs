@@ -231,7 +231,9 @@ impl Matching<'_> {
             self.send_held().await?;
         }
         let p = Arc::clone(self.pipe);
-        let read = on_matcher(self.matcher, move |m| m.begin(&s, &o, subs, Some(&p))).await??;
+        let read = on_matcher(self.matcher, move |m| m.begin(&s, &o, subs, Some(&p)))
+            .await??
+            .on_writer();
         let (s, p) = (Arc::clone(self.settings), Arc::clone(self.pipe));
         let reading = self.db.read_on_writer(move |c| read.run(c, &s, Some(&p)));
         self.send_held().await?;
