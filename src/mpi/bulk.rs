@@ -167,6 +167,25 @@ fn prepare_all(
     })
 }
 
+/// Per position, the refusal or a slot to fill; and the accepted records with their positions.
+#[allow(clippy::type_complexity)]
+fn split_refused(
+    prepared: Vec<Result<Prepared>>,
+) -> (Vec<Option<Result<FeedResult>>>, Vec<(usize, Prepared)>) {
+    let mut results = Vec::with_capacity(prepared.len());
+    let mut accepted = Vec::new();
+    for (pos, p) in prepared.into_iter().enumerate() {
+        match p {
+            Ok(p) => {
+                results.push(None);
+                accepted.push((pos, p));
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    (results, accepted)
+}
+
 /// Ids at or above this stand for records and identities decided but not yet written. They
 /// rank above every stored id and in the order they were decided, as their real ids will.
 const PENDING: i64 = 1 << 62;
@@ -379,17 +398,7 @@ impl Matcher {
         let group = self.next_group;
         self.next_group += 1;
         self.flush_after = Some(group);
-        let mut results = Vec::with_capacity(subs.len());
-        let mut online = Vec::new();
-        for (pos, p) in prepare_all(s, org, subs).into_iter().enumerate() {
-            match p {
-                Ok(p) => {
-                    results.push(None);
-                    online.push((pos, p));
-                }
-                Err(e) => results.push(Some(Err(e))),
-            }
-        }
+        let (results, online) = split_refused(prepare_all(s, org, subs));
         Matched {
             group,
             org: org.clone(),
@@ -464,17 +473,7 @@ impl ReadRequest {
             generation,
             on_writer,
         } = self;
-        let mut results: Vec<Option<Result<FeedResult>>> = Vec::with_capacity(prepared.len());
-        let mut candidates: Vec<(usize, Prepared)> = Vec::new();
-        for (pos, p) in prepared.into_iter().enumerate() {
-            match p {
-                Ok(p) => {
-                    results.push(None);
-                    candidates.push((pos, p));
-                }
-                Err(e) => results.push(Some(Err(e))),
-            }
-        }
+        let (results, candidates) = split_refused(prepared);
         use diesel::connection::{TransactionManager, TransactionManagerStatus};
         let outermost = matches!(
             <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
@@ -800,11 +799,14 @@ fn redecide<A>(
 where
     A: FnOnce(&mut DbConn, &[Result<FeedResult>]) -> Result<()>,
 {
+    // Refusals stay; every other position is filled from the decided and online records.
     let mut prepared: Vec<Result<Prepared>> = m
         .results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(Error::internal("record left undecided"))))
-        .map(|r| r.and_then(|_| Err(Error::internal("record decided twice"))))
+        .map(|r| match r {
+            Some(Err(e)) => Err(e),
+            _ => Err(Error::internal("record left undecided")),
+        })
         .collect();
     let records = m
         .decided
