@@ -1292,9 +1292,6 @@ async fn concurrent_feeds_are_answered_one_by_one(backend: Backend) {
 }
 on_both_backends!(concurrent_feeds_are_answered_one_by_one);
 
-/// The re-keying migration that filed existing records under the birth date + initials key
-/// must file them exactly as `Demographics::blocking_keys` does for new ones: run it again on a
-/// loaded database whose `di:` keys were removed, and the same keys come back.
 /// A database of `backend` opened in-process, with hospital A and `n` synthetic patients fed
 /// through the real matching path, then `extra` Patients (which carry `MRN-n`, `MRN-n+1`…).
 fn loaded_db(
@@ -1537,37 +1534,60 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
 }
 on_both_backends!(pipelined_matching_sees_unwritten_batches_and_notices_stale_ones);
 
+/// The re-keying migrations that filed existing records under a new or changed blocking key
+/// (birth date + initials; the street key's new form) must file them exactly as
+/// `Demographics::blocking_keys` does for new ones: run each again on a loaded database whose
+/// keys of that kind were removed, and the same keys come back.
 async fn rekeying_migration_files_keys_as_the_code_does(backend: Backend) {
+    use diesel::connection::SimpleConnection;
     use diesel::{QueryDsl, RunQueryDsl, TextExpressionMethods};
     use hie_broker::db::schema::blocking_keys::dsl as bk;
-    let up = match &backend {
-        Backend::Sqlite => {
-            include_str!("../migrations/sqlite/2026-11-24-000007_birth_date_initials_key/up.sql")
-        }
-        Backend::Postgres(_) => {
-            include_str!("../migrations/postgres/2026-11-24-000007_birth_date_initials_key/up.sql")
-        }
+    let migrations = match &backend {
+        Backend::Sqlite => [
+            (
+                "di:%",
+                include_str!(
+                    "../migrations/sqlite/2026-11-24-000007_birth_date_initials_key/up.sql"
+                ),
+            ),
+            (
+                "ad:%",
+                include_str!("../migrations/sqlite/2026-11-25-000008_street_key/up.sql"),
+            ),
+        ],
+        Backend::Postgres(_) => [
+            (
+                "di:%",
+                include_str!(
+                    "../migrations/postgres/2026-11-24-000007_birth_date_initials_key/up.sql"
+                ),
+            ),
+            (
+                "ad:%",
+                include_str!("../migrations/postgres/2026-11-25-000008_street_key/up.sql"),
+            ),
+        ],
     };
     let (_work, mut conn) = loaded_db(&backend, 60, &[]);
-    let di_keys = |conn: &mut hie_broker::db::PooledConn| {
-        let mut keys: Vec<(String, i64)> = bk::blocking_keys
-            .filter(bk::key.like("di:%"))
-            .select((bk::key, bk::source_id))
-            .load(&mut **conn)
-            .expect("keys");
-        keys.sort();
-        keys
-    };
-    let filed = di_keys(&mut conn);
-    assert!(filed.len() >= 55, "{filed:?}");
-    diesel::delete(bk::blocking_keys.filter(bk::key.like("di:%")))
-        .execute(&mut *conn)
-        .expect("delete");
-    assert!(di_keys(&mut conn).is_empty());
-    diesel::sql_query(up)
-        .execute(&mut *conn)
-        .expect("re-keying");
-    assert_eq!(di_keys(&mut conn), filed);
+    for (kind, up) in migrations {
+        let keys = |conn: &mut hie_broker::db::PooledConn| {
+            let mut keys: Vec<(String, i64)> = bk::blocking_keys
+                .filter(bk::key.like(kind))
+                .select((bk::key, bk::source_id))
+                .load(&mut **conn)
+                .expect("keys");
+            keys.sort();
+            keys
+        };
+        let filed = keys(&mut conn);
+        assert!(filed.len() >= 55, "{kind}: {filed:?}");
+        diesel::delete(bk::blocking_keys.filter(bk::key.like(kind)))
+            .execute(&mut *conn)
+            .expect("delete");
+        assert!(keys(&mut conn).is_empty());
+        conn.batch_execute(up).expect("re-keying");
+        assert_eq!(keys(&mut conn), filed, "{kind}");
+    }
 }
 on_both_backends!(rekeying_migration_files_keys_as_the_code_does);
 

@@ -291,11 +291,17 @@ impl Demographics {
         if let (Some(d), Some(p)) = (&self.birth_date, &self.postcode) {
             keys.push(format!("dp:{d}:{p}"));
         }
+        // Postcode, the street's first word (the house number, mostly) and the second word's
+        // initial: a typo in the street name ("12 mian street") still files the record with
+        // its street.
         if let (Some(s), Some(p)) = (&self.street, &self.postcode) {
-            keys.push(format!(
-                "ad:{p}:{}",
-                s.split(' ').take(2).collect::<Vec<_>>().join(" ")
-            ));
+            let mut words = s.split(' ');
+            let first = words.next().unwrap_or_default();
+            let initial = words.next().and_then(|w| w.chars().next());
+            keys.push(match initial {
+                Some(i) => format!("ad:{p}:{first} {i}"),
+                None => format!("ad:{p}:{first}"),
+            });
         }
         if let Some(ph) = &self.phone {
             keys.push(format!("ph:{ph}"));
@@ -363,5 +369,20 @@ mod tests {
         assert!(keys
             .iter()
             .any(|k| k == "id:http://hl7.org/fhir/sid/us-ssn|123456789"));
+        assert!(keys.iter().any(|k| k == "ad:12345:4 m"), "{keys:?}");
+    }
+
+    #[test]
+    fn a_typo_in_the_street_name_keeps_the_street_key() {
+        let at = |line: &str| Demographics {
+            street: street(line),
+            postcode: Some("12345".into()),
+            ..Demographics::default()
+        };
+        let key = |d: Demographics| d.blocking_keys().into_iter().find(|k| k.starts_with("ad:"));
+        assert_eq!(key(at("12 Main Street")), Some("ad:12345:12 m".into()));
+        assert_eq!(key(at("12 Mian Stret")), key(at("12 Main Street")));
+        assert_ne!(key(at("14 Main Street")), key(at("12 Main Street")));
+        assert_eq!(key(at("Studley")), Some("ad:12345:studley".into()));
     }
 }
