@@ -1083,7 +1083,8 @@ fn grouping(ex: &Exchange) -> Grouping {
 
 /// `hie import` (the batch path) must decide exactly as the online feed does, record by record
 /// in file order: links across members, links and duplicate flags within the file, hazards kept
-/// apart, an identifier sent twice (an update), a merge, refused lines.
+/// apart, an identifier sent twice (an update), a merge, refused lines. (Batches of 50 have
+/// their stored candidates scored ahead on two threads, `PARALLEL_SCORING`.)
 async fn bulk_import_decides_as_the_online_feed_does(backend: Backend) {
     use hie_broker::synth::{to_patient, Generator};
     let second = match &backend {

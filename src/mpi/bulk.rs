@@ -24,9 +24,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::normalize::Demographics;
+use super::score::Score;
 use super::{
-    content, evaluate, feed_in, golden, indexed_identifiers, replaced_by, validate_feed, Candidate,
-    Evaluation, FeedRequest, FeedResult, MpiSettings,
+    content, evaluate_scored, feed_in, golden, indexed_identifiers, replaced_by, review_score,
+    validate_feed, Candidate, Evaluation, FeedRequest, FeedResult, MpiSettings,
 };
 use crate::db::mpi::{self as store, BulkRows, IdTable, NewDecision, NewHistory, NewIdentity};
 use crate::db::mpi::{NewReview, NewSource, SourceContent};
@@ -1002,6 +1003,54 @@ fn decide(
         })
     };
 
+    let candidate = |id: i64| -> Option<&Candidate> {
+        if id >= PENDING {
+            pending_record(id)
+        } else {
+            stored.get(&id)
+        }
+    };
+    // Each record against its stored and pending candidates: scored ahead, on two threads
+    // for a large batch (a bulk load's matching is mostly scoring). What the batch's own
+    // earlier records add is scored below, in order.
+    let prescore = |records: &[(usize, Prepared)], keys: &[Vec<usize>]| -> Vec<Prescored> {
+        records
+            .iter()
+            .zip(keys)
+            .map(|((_, p), ks)| {
+                let buckets: Vec<&[i64]> = ks
+                    .iter()
+                    .map(|&k| {
+                        let b = &stored_by_key[k];
+                        &b[..b.len().min(store::BUCKET_READ as usize)]
+                    })
+                    .collect();
+                let ranked = store::rank_candidates(&buckets, limit);
+                let scores = ranked
+                    .iter()
+                    .map(|&id| candidate(id).and_then(|c| review_score(s, &p.demo, c)))
+                    .collect();
+                Prescored { ranked, scores }
+            })
+            .collect()
+    };
+    let prescored: Vec<Prescored> = if fresh.len() >= PARALLEL_SCORING {
+        let half = fresh.len() / 2;
+        std::thread::scope(|scope| {
+            let second = scope.spawn(|| prescore(&fresh[half..], &record_keys[half..]));
+            let mut first = prescore(&fresh[..half], &record_keys[..half]);
+            // A panic in scoring is a bug; score the rest here rather than lose the batch.
+            first.extend(
+                second
+                    .join()
+                    .unwrap_or_else(|_| prescore(&fresh[half..], &record_keys[half..])),
+            );
+            first
+        })
+    } else {
+        prescore(&fresh, &record_keys)
+    };
+
     let mut decided: Vec<Decided> = Vec::with_capacity(fresh.len());
     let mut deferred = Vec::new();
     // The batch's decided records as candidates, and their keys.
@@ -1009,35 +1058,45 @@ fn decide(
     let mut batch_by_key: Vec<Vec<usize>> = vec![Vec::new(); stored_by_key.len()];
     let mut new_identities = 0i64;
     let none = HashSet::new();
-    for ((pos, p), ks) in fresh.into_iter().zip(record_keys) {
-        // The batch's records rank as newer than any pending or stored one.
-        let buckets: Vec<Vec<i64>> = ks
-            .iter()
-            .map(|&k| {
-                let mut b: Vec<i64> = batch_by_key[k]
-                    .iter()
-                    .rev()
-                    .map(|&j| first_record + j as i64)
-                    .collect();
-                b.extend(&stored_by_key[k]);
-                b.truncate(store::BUCKET_READ as usize);
-                b
-            })
-            .collect();
-        let ranked = store::rank_candidates(&buckets, limit);
+    for (((pos, p), ks), ahead) in fresh.into_iter().zip(record_keys).zip(prescored) {
+        // The batch's records rank as newer than any pending or stored one; with none under
+        // its keys, the ranking is the one scored ahead.
+        let ranked = if ks.iter().all(|&k| batch_by_key[k].is_empty()) {
+            ahead.ranked.clone()
+        } else {
+            let buckets: Vec<Vec<i64>> = ks
+                .iter()
+                .map(|&k| {
+                    let mut b: Vec<i64> = batch_by_key[k]
+                        .iter()
+                        .rev()
+                        .map(|&j| first_record + j as i64)
+                        .collect();
+                    b.extend(&stored_by_key[k]);
+                    b.truncate(store::BUCKET_READ as usize);
+                    b
+                })
+                .collect();
+            store::rank_candidates(&buckets, limit)
+        };
         let cands: Vec<&Candidate> = ranked
             .iter()
             .filter_map(|&id| {
                 if id >= first_record {
                     batch.get((id - first_record) as usize)
-                } else if id >= PENDING {
-                    pending_record(id)
                 } else {
-                    stored.get(&id)
+                    candidate(id)
                 }
             })
             .collect();
-        let eval = evaluate(s, org.id.as_str(), &p.demo, &cands, &none);
+        // Scored ahead, or (a batch record; a stored one the batch's records pushed into the
+        // ranking) scored now: the same function either way.
+        let eval = evaluate_scored(s, org.id.as_str(), &cands, &none, |c| {
+            match ahead.ranked.iter().position(|&id| id == c.id) {
+                Some(i) if c.id < first_record => ahead.scores[i].clone(),
+                _ => review_score(s, &p.demo, c),
+            }
+        });
         if !eval.merges.is_empty() {
             deferred.push((pos, p));
             continue;
@@ -1067,6 +1126,18 @@ fn decide(
         });
     }
     (decided, deferred, batch)
+}
+
+/// A batch at least this large has its stored candidates scored on two threads (the cost of a
+/// thread is a few dozen records' scoring; the HTTP feed's batches of single PUTs stay below
+/// it, a Bundle or a file does not).
+const PARALLEL_SCORING: usize = 32;
+
+/// One record's stored and pending candidates, ranked, and its score against each (`None`:
+/// below the review threshold).
+struct Prescored {
+    ranked: Vec<i64>,
+    scores: Vec<Option<Score>>,
 }
 
 /// The real ids behind a group's pending ones: its own, allocated now, and those of the

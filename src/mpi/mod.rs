@@ -166,13 +166,33 @@ pub fn evaluate<C: std::borrow::Borrow<Candidate>>(
     candidates: &[C],
     non_matches: &HashSet<i64>,
 ) -> Evaluation {
+    evaluate_scored(s, org_id, candidates, non_matches, |c| {
+        review_score(s, demo, c)
+    })
+}
+
+/// The record's score against a candidate if it reaches the review threshold (below it, a
+/// candidate plays no part in the decision).
+pub fn review_score(s: &MpiSettings, demo: &Demographics, c: &Candidate) -> Option<Score> {
+    let score = score::score(demo, &c.demo, &s.weights);
+    (score.total >= s.thresholds.review).then_some(score)
+}
+
+/// `evaluate` with the candidates' scores from `score_of` (as `review_score` gives them):
+/// a bulk load scores a batch's stored candidates ahead, on several threads.
+pub fn evaluate_scored<C: std::borrow::Borrow<Candidate>>(
+    s: &MpiSettings,
+    org_id: &str,
+    candidates: &[C],
+    non_matches: &HashSet<i64>,
+    score_of: impl Fn(&Candidate) -> Option<Score>,
+) -> Evaluation {
     let mut ranked: Vec<Scored> = candidates
         .iter()
         .map(|c| c.borrow())
         .filter(|c| !non_matches.contains(&c.id))
         .filter_map(|c| {
-            let score = score::score(demo, &c.demo, &s.weights);
-            (score.total >= s.thresholds.review).then(|| Scored {
+            score_of(c).map(|score| Scored {
                 source_id: c.id,
                 org_id: c.org_id.clone(),
                 enterprise_id: c.enterprise_id,

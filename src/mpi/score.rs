@@ -52,6 +52,9 @@ pub struct Weights {
     table: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
     /// log2(m/u) of each level, computed once.
     logs: BTreeMap<String, BTreeMap<String, f64>>,
+    /// The same, for the fields and levels `score` uses, by position: scoring looks a weight
+    /// up for every field of every candidate, and string-keyed maps made that a third of it.
+    grid: [[f64; LEVELS.len()]; FIELDS.len()],
     /// Term-frequency adjustment: an exact agreement on a value held by a share `f` of records
     /// larger than the field's `u` weighs log2(m / f) instead of log2(m / u). Two Smiths agree
     /// far more often by chance than two Featherstonehaughs. Only ever lowers a weight: a rare
@@ -110,6 +113,9 @@ impl Weights {
     }
 
     pub fn weight(&self, field: &str, level: &str) -> f64 {
+        if let (Some(f), Some(l)) = (field_index(field), level_index(level)) {
+            return self.grid[f][l];
+        }
         self.logs
             .get(field)
             .and_then(|l| l.get(level))
@@ -151,13 +157,82 @@ impl Weights {
                     .collect();
                 (field.clone(), levels)
             })
-            .collect();
+            .collect::<BTreeMap<String, BTreeMap<String, f64>>>();
+        let mut grid = [[0.0; LEVELS.len()]; FIELDS.len()];
+        for (f, field) in FIELDS.iter().enumerate() {
+            for (l, level) in LEVELS.iter().enumerate() {
+                grid[f][l] = logs
+                    .get(*field)
+                    .and_then(|ls| ls.get(*level))
+                    .copied()
+                    .unwrap_or(0.0);
+            }
+        }
         Weights {
             table,
             logs,
+            grid,
             frequencies: BTreeMap::new(),
         }
     }
+}
+
+/// The fields `score` compares, in `Weights::grid` order.
+const FIELDS: [&str; 9] = [
+    "given",
+    "family",
+    "birth_date",
+    "gender",
+    "postcode",
+    "street",
+    "city",
+    "phone",
+    "shared_id",
+];
+
+/// The levels `score` compares at, in `Weights::grid` order.
+const LEVELS: [&str; 9] = [
+    "exact",
+    "nickname",
+    "close",
+    "similar",
+    "phonetic",
+    "transposed",
+    "typo",
+    "agree",
+    "disagree",
+];
+
+/// A field's place in `FIELDS` (a `match`, which compiles to fixed-length compares).
+fn field_index(field: &str) -> Option<usize> {
+    Some(match field {
+        "given" => 0,
+        "family" => 1,
+        "birth_date" => 2,
+        "gender" => 3,
+        "postcode" => 4,
+        "street" => 5,
+        "city" => 6,
+        "phone" => 7,
+        "shared_id" => 8,
+        _ => return None,
+    })
+}
+
+/// A level's place in `LEVELS`.
+fn level_index(level: &str) -> Option<usize> {
+    Some(match level {
+        "exact" => 0,
+        "nickname" => 1,
+        "close" => 2,
+        "similar" => 3,
+        "phonetic" => 4,
+        "transposed" => 5,
+        "typo" => 6,
+        "agree" => 7,
+        "disagree" => 8,
+        _ => return None,
+    })
 }
 
 /// One field's contribution to a score.
@@ -233,20 +308,6 @@ pub struct Thresholds {
     pub link: f64,
     pub review: f64,
 }
-
-const AGREEING: [&str; 6] = [
-    "exact",
-    "nickname",
-    "close",
-    "similar",
-    "transposed",
-    "typo",
-];
-
-const ADDRESS: [&str; 3] = ["street", "postcode", "city"];
-
-/// Levels at which a national id counts as corroborating (a two-edit id does not).
-const ID_AGREEING: [&str; 2] = ["exact", "typo"];
 
 fn string_level(a: &str, b: &str, with_phonetic: bool) -> &'static str {
     if a == b {
@@ -353,9 +414,13 @@ fn both<'a>(x: &'a Option<String>, y: &'a Option<String>) -> Option<(&'a str, &'
 
 /// Compares two records field by field.
 pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
-    let mut fields = Vec::with_capacity(9);
+    let mut fields = Vec::with_capacity(10);
+    let mut levels = Levels::default();
     let mut push = |field: &'static str, level: Option<&'static str>| {
         if let Some(level) = level {
+            if let Some(i) = field_index(field) {
+                levels.0[i] = Some(level);
+            }
             fields.push(FieldScore {
                 field: Cow::Borrowed(field),
                 level: Cow::Borrowed(level),
@@ -436,10 +501,11 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
 
     // Exact agreement on a common name weighs less (term-frequency adjustment).
     for (field, value) in [("given", &a.given), ("family", &a.family)] {
+        if w.frequencies.is_empty() || levels.get(field) != Some("exact") {
+            continue;
+        }
         if let (Some(value), Some(f)) = (value, fields.iter_mut().find(|f| f.field == field)) {
-            if f.level == "exact" {
-                f.weight = w.exact_weight(field, value);
-            }
+            f.weight = w.exact_weight(field, value);
         }
     }
 
@@ -447,7 +513,7 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
     // much as an exact street and a bit more.
     let address: f64 = fields
         .iter()
-        .filter(|f| ADDRESS.contains(&f.field.as_ref()))
+        .filter(|f| matches!(f.field.as_ref(), "street" | "postcode" | "city"))
         .map(|f| f.weight.max(0.0))
         .sum();
     let cap = 1.4 * w.weight("street", "exact");
@@ -464,7 +530,7 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
         fields,
         hazards: Vec::new(),
     };
-    let hazards = hazards(a, b, &s);
+    let hazards = hazards(a, b, &levels);
     Score { hazards, ..s }
 }
 
@@ -481,9 +547,35 @@ fn consecutive(a: &str, b: &str) -> bool {
     }
 }
 
-fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
-    let agrees = |field: &str| s.level(field).is_some_and(|l| AGREEING.contains(&l));
-    let shared = s.level("shared_id");
+/// Each field's level in `FIELDS` order, as `score` compared them (`None`: missing on a side).
+/// Looked up by position, not by scanning the breakdown's names: `hazards` asks a dozen times
+/// per pair.
+#[derive(Default)]
+struct Levels([Option<&'static str>; FIELDS.len()]);
+
+impl Levels {
+    fn get(&self, field: &str) -> Option<&'static str> {
+        field_index(field).and_then(|i| self.0[i])
+    }
+}
+
+/// Levels at which two values count as agreeing.
+fn agreeing(level: &str) -> bool {
+    matches!(
+        level,
+        "exact" | "nickname" | "close" | "similar" | "transposed" | "typo"
+    )
+}
+
+/// Levels at which a national id counts as corroborating (a two-edit id does not).
+fn id_agreeing(level: &str) -> bool {
+    matches!(level, "exact" | "typo")
+}
+
+fn hazards(a: &Demographics, b: &Demographics, levels: &Levels) -> Vec<Hazard> {
+    let level = |field: &str| levels.get(field);
+    let agrees = |field: &str| level(field).is_some_and(agreeing);
+    let shared = level("shared_id");
     // A national id that matches exactly rules out twins and junior/senior. One that matches up
     // to a typo (a digit changed, two swapped) rules out junior/senior, and twins too unless
     // the two numbers are adjacent: twins registered together often get consecutive numbers,
@@ -498,16 +590,16 @@ fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
         _ => false,
     };
     let mut out = Vec::new();
-    let names_differ = matches!(s.level("given"), Some("disagree") | Some("phonetic"));
+    let names_differ = matches!(level("given"), Some("disagree") | Some("phonetic"));
     if names_differ
         && agrees("family")
-        && s.level("birth_date") == Some("exact")
+        && level("birth_date") == Some("exact")
         && !id_rules_out_twin
     {
         out.push(Hazard::Twin);
     }
-    let id_agrees = shared.is_some_and(|l| ID_AGREEING.contains(&l));
-    if s.level("birth_date") == Some("disagree") && !id_agrees {
+    let id_agrees = shared.is_some_and(id_agreeing);
+    if level("birth_date") == Some("disagree") && !id_agrees {
         let year = |d: &Demographics| d.birth_year().and_then(|y| y.parse::<i32>().ok());
         if let (Some(ya), Some(yb)) = (year(a), year(b)) {
             if (ya - yb).abs() >= GENERATION_YEARS {
@@ -516,7 +608,7 @@ fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
         }
     }
     if names_differ
-        && matches!(s.level("birth_date"), Some("disagree") | Some("similar"))
+        && matches!(level("birth_date"), Some("disagree") | Some("similar"))
         && !id_agrees
     {
         out.push(Hazard::Sibling);
@@ -533,7 +625,7 @@ fn hazards(a: &Demographics, b: &Demographics, s: &Score) -> Vec<Hazard> {
     if shared == Some("disagree")
         && (names_differ
             || !matches!(
-                s.level("birth_date"),
+                level("birth_date"),
                 Some("exact") | Some("typo") | Some("transposed")
             ))
     {
@@ -562,6 +654,19 @@ mod tests {
         let w = Weights::parse(DEFAULT_WEIGHTS).expect("weights");
         assert!(w.weight("birth_date", "exact") > 10.0);
         assert!(w.weight("given", "disagree") < -4.0);
+    }
+
+    #[test]
+    fn weights_by_position_are_the_weights_by_name() {
+        let w = Weights::defaults();
+        assert_eq!(FIELDS.map(field_index), core::array::from_fn(Some));
+        assert_eq!(LEVELS.map(level_index), core::array::from_fn(Some));
+        for (field, levels) in &w.logs {
+            for (level, weight) in levels {
+                assert_eq!(w.weight(field, level), *weight, "{field}.{level}");
+            }
+        }
+        assert_eq!(w.weight("given", "no-such-level"), 0.0);
     }
 
     #[test]
