@@ -1039,11 +1039,11 @@ fn decide(
         std::thread::scope(|scope| {
             let second = scope.spawn(|| prescore(&fresh[half..], &record_keys[half..]));
             let mut first = prescore(&fresh[..half], &record_keys[..half]);
-            // A panic in scoring is a bug; score the rest here rather than lose the batch.
+            // A panic while scoring goes on as it would on one thread.
             first.extend(
                 second
                     .join()
-                    .unwrap_or_else(|_| prescore(&fresh[half..], &record_keys[half..])),
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
             );
             first
         })
