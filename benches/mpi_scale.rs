@@ -214,7 +214,7 @@ fn main() {
                 (format!("C{i}"), to_patient(&p, "urn:bench:c", &format!("C{i}")).to_string())
             })
             .collect();
-        let chunks: Vec<Vec<(String, String)>> = records.chunks(http_n.div_ceil(8)).map(<[_]>::to_vec).collect();
+        let chunks: Vec<Vec<(String, String)>> = records.chunks(http_n.div_ceil(8).max(1)).map(<[_]>::to_vec).collect();
         let started = Instant::now();
         let tasks: Vec<_> = chunks
             .into_iter()

@@ -174,8 +174,7 @@ pub fn evaluate<C: std::borrow::Borrow<Candidate>>(
 /// The record's score against a candidate if it reaches the review threshold (below it, a
 /// candidate plays no part in the decision).
 pub fn review_score(s: &MpiSettings, demo: &Demographics, c: &Candidate) -> Option<Score> {
-    let score = score::score(demo, &c.demo, &s.weights);
-    (score.total >= s.thresholds.review).then_some(score)
+    score::score_at_least(demo, &c.demo, &s.weights, s.thresholds.review)
 }
 
 /// `evaluate` with the candidates' scores from `score_of` (as `review_score` gives them):
@@ -1057,10 +1056,9 @@ pub fn match_patient(
         let Ok(other) = serde_json::from_str::<Demographics>(&c.demographics) else {
             continue;
         };
-        let sc = score::score(&demo, &other, &s.weights);
-        if sc.total < s.possible {
+        let Some(sc) = score::score_at_least(&demo, &other, &s.weights, s.possible) else {
             continue;
-        }
+        };
         let better = best
             .get(&c.enterprise_id)
             .is_none_or(|b| sc.total > b.total);

@@ -55,6 +55,8 @@ pub struct Weights {
     /// The same, for the fields and levels `score` uses, by position: scoring looks a weight
     /// up for every field of every candidate, and string-keyed maps made that a third of it.
     grid: [[f64; LEVELS.len()]; FIELDS.len()],
+    /// The highest weight of each field (by position): what a field could add at best.
+    best: [f64; FIELDS.len()],
     /// Term-frequency adjustment: an exact agreement on a value held by a share `f` of records
     /// larger than the field's `u` weighs log2(m / f) instead of log2(m / u). Two Smiths agree
     /// far more often by chance than two Featherstonehaughs. Only ever lowers a weight: a rare
@@ -110,6 +112,11 @@ impl Weights {
     pub fn defaults() -> Weights {
         // The embedded table is checked by a unit test.
         Self::parse(DEFAULT_WEIGHTS).unwrap_or_else(|_| Weights::from_table(BTreeMap::new()))
+    }
+
+    /// Street, postcode and city together weigh at most this much.
+    fn address_cap(&self) -> f64 {
+        1.4 * self.weight("street", "exact")
     }
 
     pub fn weight(&self, field: &str, level: &str) -> f64 {
@@ -168,10 +175,12 @@ impl Weights {
                     .unwrap_or(0.0);
             }
         }
+        let best = grid.map(|levels| levels.into_iter().fold(0.0, f64::max));
         Weights {
             table,
             logs,
             grid,
+            best,
             frequencies: BTreeMap::new(),
         }
     }
@@ -371,7 +380,7 @@ fn date_level(a: &str, b: &str) -> &'static str {
     // A typo: one digit apart, unless that digit moves the year by a generation (1950 / 1980
     // is a father and son as often as a typo); or two adjacent digits swapped, also across the
     // month/day boundary (11-23 / 12-13).
-    let swapped = ya == yb && edits(&a.replace('-', ""), &b.replace('-', "")) == 1;
+    let swapped = ya == yb && digits_edits(a, b) == 1;
     if (differing == 1 && years_apart < GENERATION_YEARS) || swapped {
         return "typo";
     }
@@ -379,6 +388,26 @@ fn date_level(a: &str, b: &str) -> &'static str {
         return "similar";
     }
     "disagree"
+}
+
+/// `edits` between two dates with their dashes taken out (without allocating: most candidates'
+/// birth dates differ, and this runs for each).
+fn digits_edits(a: &str, b: &str) -> usize {
+    let digits = |s: &str| {
+        let mut buf = [0u8; 16];
+        let mut n = 0;
+        for &c in s.as_bytes().iter().filter(|c| **c != b'-').take(buf.len()) {
+            buf[n] = c;
+            n += 1;
+        }
+        (buf, n)
+    };
+    let ((x, nx), (y, ny)) = (digits(a), digits(b));
+    // Taking ASCII dashes out of UTF-8 leaves UTF-8.
+    match (std::str::from_utf8(&x[..nx]), std::str::from_utf8(&y[..ny])) {
+        (Ok(x), Ok(y)) => edits(x, y),
+        _ => 3,
+    }
 }
 
 fn edit_level(a: &str, b: &str, near: &'static str) -> &'static str {
@@ -414,6 +443,84 @@ fn both<'a>(x: &'a Option<String>, y: &'a Option<String>) -> Option<(&'a str, &'
 
 /// Compares two records field by field.
 pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
+    finish(a, b, w, &others(a, b, w))
+}
+
+/// `score`, if it can reach `floor`; `None` when it cannot. Most candidates a blocking key
+/// brings are other people: their birth date, address, phone and national id already disagree,
+/// so the best their names could add leaves them below the floor, and the costly name
+/// comparisons (Jaro–Winkler, nicknames, phonetics) are skipped. The same scores as `score`
+/// for every pair that reaches the floor.
+pub fn score_at_least(
+    a: &Demographics,
+    b: &Demographics,
+    w: &Weights,
+    floor: f64,
+) -> Option<Score> {
+    let rest = others(a, b, w);
+    let names: f64 = [(&a.given, &b.given, 0), (&a.family, &b.family, 1)]
+        .iter()
+        .filter(|(x, y, _)| x.is_some() && y.is_some())
+        .map(|(_, _, f)| w.best[*f])
+        .sum();
+    // The margin covers rounding: the bound is summed in another order than the score.
+    if rest.total + names + 1e-9 < floor {
+        return None;
+    }
+    let s = finish(a, b, w, &rest);
+    (s.total >= floor).then_some(s)
+}
+
+/// The levels of the fields other than the names, and their weights' sum with the address cap
+/// applied: all of a score but the names.
+struct Others {
+    levels: [Option<&'static str>; 7],
+    total: f64,
+}
+
+/// The fields `Others` holds, in `score`'s order.
+const OTHER_FIELDS: [&str; 7] = [
+    "birth_date",
+    "gender",
+    "postcode",
+    "street",
+    "city",
+    "phone",
+    "shared_id",
+];
+
+fn others(a: &Demographics, b: &Demographics, w: &Weights) -> Others {
+    let shared = a.shared_ids.iter().find_map(|(sys, va)| {
+        b.shared_ids
+            .iter()
+            .find(|(s, _)| s == sys)
+            .map(|(_, vb)| match edits(va, vb) {
+                0 => "exact",
+                1 => "typo",
+                2 if va.len() >= 6 => "similar",
+                _ => "disagree",
+            })
+    });
+    let levels = [
+        both(&a.birth_date, &b.birth_date).map(|(x, y)| date_level(x, y)),
+        both(&a.gender, &b.gender).map(|(x, y)| if x == y { "agree" } else { "disagree" }),
+        both(&a.postcode, &b.postcode).map(|(x, y)| edit_level(x, y, "close")),
+        both(&a.street, &b.street).map(|(x, y)| street_level(x, y)),
+        both(&a.city, &b.city).map(|(x, y)| string_level(x, y, false)),
+        both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")),
+        shared,
+    ];
+    let weight = |i: usize| levels[i].map_or(0.0, |l| w.weight(OTHER_FIELDS[i], l));
+    let total: f64 = (0..levels.len()).map(weight).sum();
+    let address: f64 = (2..=4).map(|i| weight(i).max(0.0)).sum();
+    let cap = w.address_cap();
+    Others {
+        levels,
+        total: total + if address > cap { cap - address } else { 0.0 },
+    }
+}
+
+fn finish(a: &Demographics, b: &Demographics, w: &Weights, rest: &Others) -> Score {
     let mut fields = Vec::with_capacity(10);
     let mut levels = Levels::default();
     let mut push = |field: &'static str, level: Option<&'static str>| {
@@ -462,42 +569,9 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
     }
     push("given", given);
     push("family", family);
-    push(
-        "birth_date",
-        both(&a.birth_date, &b.birth_date).map(|(x, y)| date_level(x, y)),
-    );
-    push(
-        "gender",
-        both(&a.gender, &b.gender).map(|(x, y)| if x == y { "agree" } else { "disagree" }),
-    );
-    push(
-        "postcode",
-        both(&a.postcode, &b.postcode).map(|(x, y)| edit_level(x, y, "close")),
-    );
-    push(
-        "street",
-        both(&a.street, &b.street).map(|(x, y)| street_level(x, y)),
-    );
-    push(
-        "city",
-        both(&a.city, &b.city).map(|(x, y)| string_level(x, y, false)),
-    );
-    push(
-        "phone",
-        both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")),
-    );
-    let shared = a.shared_ids.iter().find_map(|(sys, va)| {
-        b.shared_ids
-            .iter()
-            .find(|(s, _)| s == sys)
-            .map(|(_, vb)| match edits(va, vb) {
-                0 => "exact",
-                1 => "typo",
-                2 if va.len() >= 6 => "similar",
-                _ => "disagree",
-            })
-    });
-    push("shared_id", shared);
+    for (field, level) in OTHER_FIELDS.iter().zip(rest.levels) {
+        push(field, level);
+    }
 
     // Exact agreement on a common name weighs less (term-frequency adjustment).
     for (field, value) in [("given", &a.given), ("family", &a.family)] {
@@ -516,7 +590,7 @@ pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
         .filter(|f| matches!(f.field.as_ref(), "street" | "postcode" | "city"))
         .map(|f| f.weight.max(0.0))
         .sum();
-    let cap = 1.4 * w.weight("street", "exact");
+    let cap = w.address_cap();
     if address > cap {
         fields.push(FieldScore {
             field: Cow::Borrowed("address_cap"),
@@ -637,6 +711,61 @@ fn hazards(a: &Demographics, b: &Demographics, levels: &Levels) -> Vec<Hazard> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bound never hides a pair that reaches the floor, and what it lets through is scored
+    /// as `score` scores it: checked on generated people, their retyped variants (typos, moves,
+    /// married names, swapped dates) and look-alikes from the same key buckets.
+    #[test]
+    fn score_at_least_is_score_above_the_floor() {
+        use crate::synth::{to_patient, Generator};
+        let shared = vec!["http://hl7.org/fhir/sid/us-ssn".to_string()];
+        let mut g = Generator::new(7);
+        let mut records = Vec::new();
+        for i in 0..400 {
+            let p = g.person();
+            let v = g.variant(&p);
+            for (n, q) in [(0, p), (1, v)] {
+                let patient = to_patient(&q, "urn:t", &format!("{i}-{n}"));
+                records.push(Demographics::from_patient(&patient, &shared));
+            }
+        }
+        let w = Weights::defaults();
+        let tf = Weights::defaults().with_frequencies(
+            [(
+                "family".to_string(),
+                [(records[0].family.clone().unwrap_or_default(), 0.05)].into(),
+            )]
+            .into(),
+        );
+        let (mut kept, mut pruned) = (0, 0);
+        for (i, a) in records.iter().enumerate() {
+            // Its own variant, and a spread of others.
+            for b in records
+                .iter()
+                .skip(i / 2 * 2)
+                .take(2)
+                .chain(records.iter().step_by(7))
+            {
+                for w in [&w, &tf] {
+                    let full = score(a, b, w);
+                    for floor in [4.0, 11.0, 18.5] {
+                        match score_at_least(a, b, w, floor) {
+                            Some(s) => {
+                                assert_eq!(s, full);
+                                assert!(s.total >= floor);
+                                kept += 1;
+                            }
+                            None => {
+                                assert!(full.total < floor, "{a:?} {b:?} {full:?}");
+                                pruned += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(kept > 1000 && pruned > 1000, "kept {kept}, pruned {pruned}");
+    }
 
     fn person(given: &str, family: &str, dob: &str, street: &str, postcode: &str) -> Demographics {
         Demographics {
