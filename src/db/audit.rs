@@ -11,6 +11,10 @@ use crate::error::Result;
 
 #[derive(Insertable, Queryable)]
 #[diesel(table_name = audit_events)]
+// An absent value is bound as NULL (what the column defaults to anyway), so the statement's
+// text is the same for every record and PostgreSQL keeps it prepared: with DEFAULT in place of
+// absent values, each record was a new statement, parsed in a round trip of its own.
+#[diesel(treat_none_as_default_value = false)]
 struct Row {
     seq: i64,
     recorded_at: i64,
@@ -98,11 +102,19 @@ pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
     if records.is_empty() {
         return Ok(Vec::new());
     }
-    lock_head(conn)?;
-    let (mut seq, mut prev): (i64, String) = audit_head::table
+    // The head, locked and read in one statement: on PostgreSQL a `SELECT … FOR UPDATE`, which
+    // stays prepared (an UPDATE is parsed anew each time, a round trip of its own); SQLite has no
+    // row locks, so there a write takes the database's.
+    let head = audit_head::table
         .filter(audit_head::id.eq(1))
-        .select((audit_head::seq, audit_head::hash))
-        .first(conn)?;
+        .select((audit_head::seq, audit_head::hash));
+    let (mut seq, mut prev): (i64, String) = match conn {
+        DbConn::Postgresql(pg) => head.for_update().first(pg)?,
+        DbConn::Sqlite(_) => diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
+            .set(audit_head::seq.eq(audit_head::seq))
+            .returning((audit_head::seq, audit_head::hash))
+            .get_result(conn)?,
+    };
     let mut seqs = Vec::with_capacity(records.len());
     for record in records {
         seq += 1;
