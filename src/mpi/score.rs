@@ -478,16 +478,12 @@ struct Others {
     total: f64,
 }
 
-/// The fields `Others` holds, in `score`'s order.
-const OTHER_FIELDS: [&str; 7] = [
-    "birth_date",
-    "gender",
-    "postcode",
-    "street",
-    "city",
-    "phone",
-    "shared_id",
-];
+/// The fields `Others` holds, in `score`'s order: all but the two names.
+const OTHER_FIELDS: &[&str] = FIELDS.split_at(2).1;
+const _: () = assert!(
+    OTHER_FIELDS.len() == 7,
+    "Others::levels holds one level per field"
+);
 
 fn others(a: &Demographics, b: &Demographics, w: &Weights) -> Others {
     let shared = a.shared_ids.iter().find_map(|(sys, va)| {
