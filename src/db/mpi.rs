@@ -2,7 +2,7 @@
 
 use diesel::prelude::*;
 use diesel::AggregateExpressionMethods;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::schema::{
     blocking_keys, identities, identity_history, match_decisions, match_reviews, non_matches,
@@ -720,15 +720,46 @@ pub fn existing_values(
     Ok(out)
 }
 
-/// (key, source id) of every record filed under one of `keys`.
-pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(String, i64)>> {
+/// (position in `keys`, source id) of every record filed under one of `keys`. On SQLite the
+/// keys go in as one JSON array and come back as their positions: a batch's lookup returns
+/// millions of rows at 1M patients, and returning each key's text allocated a string per row
+/// and hashed it again to find its position.
+pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(usize, i64)>> {
+    #[derive(QueryableByName)]
+    struct Hit {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+    }
     let mut out = Vec::new();
-    for chunk in keys.chunks(VALUES_PER_LOOKUP) {
-        let rows: Vec<(String, i64)> = blocking_keys::table
-            .filter(blocking_keys::key.eq_any(chunk))
-            .select((blocking_keys::key, blocking_keys::source_id))
+    for (c, chunk) in keys.chunks(VALUES_PER_LOOKUP).enumerate() {
+        let first = c * VALUES_PER_LOOKUP;
+        if conn.is_sqlite() {
+            let json = serde_json::to_string(chunk)
+                .map_err(|e| crate::error::Error::internal(format!("blocking keys: {e}")))?;
+            // CROSS JOIN keeps the array as the outer loop: one index lookup per key.
+            let rows: Vec<Hit> = diesel::sql_query(
+                "SELECT CAST(j.key AS INTEGER) AS n, b.source_id AS id \
+                 FROM json_each(?) AS j CROSS JOIN blocking_keys AS b ON b.key = j.value",
+            )
+            .bind::<diesel::sql_types::Text, _>(json)
             .load(conn)?;
-        out.extend(rows);
+            out.extend(rows.into_iter().filter_map(|h| {
+                let n = usize::try_from(h.n).ok()?;
+                Some((first + n, h.id))
+            }));
+        } else {
+            let at: HashMap<&str, usize> = chunk.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+            let rows: Vec<(String, i64)> = blocking_keys::table
+                .filter(blocking_keys::key.eq_any(chunk))
+                .select((blocking_keys::key, blocking_keys::source_id))
+                .load(conn)?;
+            out.extend(
+                rows.into_iter()
+                    .filter_map(|(k, id)| Some((first + *at.get(k.as_str())?, id))),
+            );
+        }
     }
     Ok(out)
 }

@@ -915,10 +915,10 @@ fn gather(
         })
         .collect();
     let mut stored_by_key: Vec<Vec<i64>> = vec![Vec::new(); keys.len()];
-    for (key, id) in store::key_hits(conn, &keys)? {
-        if let Some(&k) = numbers.get(key.as_str()) {
+    for (k, id) in store::key_hits(conn, &keys)? {
+        if let Some(bucket) = stored_by_key.get_mut(k) {
             if !shadow.contains(&id) {
-                stored_by_key[k].push(id);
+                bucket.push(id);
             }
         }
     }
