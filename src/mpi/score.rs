@@ -443,7 +443,15 @@ fn both<'a>(x: &'a Option<String>, y: &'a Option<String>) -> Option<(&'a str, &'
 
 /// Compares two records field by field.
 pub fn score(a: &Demographics, b: &Demographics, w: &Weights) -> Score {
-    finish(a, b, w, &others(a, b, w))
+    match others(a, b, w, f64::NEG_INFINITY) {
+        Some(rest) => finish(a, b, w, &rest),
+        // Nothing is below an infinitely low floor.
+        None => Score {
+            total: f64::NEG_INFINITY,
+            fields: Vec::new(),
+            hazards: Vec::new(),
+        },
+    }
 }
 
 /// `score`, if it can reach `floor`; `None` when it cannot. Most candidates a blocking key
@@ -457,12 +465,12 @@ pub fn score_at_least(
     w: &Weights,
     floor: f64,
 ) -> Option<Score> {
-    let rest = others(a, b, w);
     let names: f64 = [(&a.given, &b.given, 0), (&a.family, &b.family, 1)]
         .iter()
         .filter(|(x, y, _)| x.is_some() && y.is_some())
         .map(|(_, _, f)| w.best[*f])
         .sum();
+    let rest = others(a, b, w, floor - names)?;
     // The margin covers rounding: the bound is summed in another order than the score.
     if rest.total + names + 1e-9 < floor {
         return None;
@@ -485,7 +493,10 @@ const _: () = assert!(
     "Others::levels holds one level per field"
 );
 
-fn others(a: &Demographics, b: &Demographics, w: &Weights) -> Others {
+/// The fields besides the names, or `None` when their weights cannot reach `need`: the city is
+/// compared (Jaro–Winkler) only if, at its best, it could lift the rest that far.
+fn others(a: &Demographics, b: &Demographics, w: &Weights, need: f64) -> Option<Others> {
+    const CITY: usize = 4;
     let shared = a.shared_ids.iter().find_map(|(sys, va)| {
         b.shared_ids
             .iter()
@@ -497,23 +508,41 @@ fn others(a: &Demographics, b: &Demographics, w: &Weights) -> Others {
                 _ => "disagree",
             })
     });
-    let levels = [
+    let mut levels = [
         both(&a.birth_date, &b.birth_date).map(|(x, y)| date_level(x, y)),
         both(&a.gender, &b.gender).map(|(x, y)| if x == y { "agree" } else { "disagree" }),
         both(&a.postcode, &b.postcode).map(|(x, y)| edit_level(x, y, "close")),
         both(&a.street, &b.street).map(|(x, y)| street_level(x, y)),
-        both(&a.city, &b.city).map(|(x, y)| string_level(x, y, false)),
+        None,
         both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")),
         shared,
     ];
-    let weight = |i: usize| levels[i].map_or(0.0, |l| w.weight(OTHER_FIELDS[i], l));
-    let total: f64 = (0..levels.len()).map(weight).sum();
-    let address: f64 = (2..=4).map(|i| weight(i).max(0.0)).sum();
-    let cap = w.address_cap();
-    Others {
-        levels,
-        total: total + if address > cap { cap - address } else { 0.0 },
+    let mut weights = [0.0; 7];
+    for (i, l) in levels.iter().enumerate() {
+        weights[i] = l.map_or(0.0, |l| w.weight(OTHER_FIELDS[i], l));
     }
+    // Street, postcode and city together count at most the cap (see `finish`).
+    let total = |weights: &[f64; 7]| -> f64 {
+        let address: f64 = weights[2..=CITY].iter().map(|x| x.max(0.0)).sum();
+        let cap = w.address_cap();
+        weights.iter().sum::<f64>() + if address > cap { cap - address } else { 0.0 }
+    };
+    if let Some((x, y)) = both(&a.city, &b.city) {
+        // The sum only grows with the city's weight, so the best city bounds it.
+        let mut best = weights;
+        // `FIELDS` is the two names, then `OTHER_FIELDS`.
+        best[CITY] = w.best[CITY + 2];
+        if total(&best) + 1e-9 < need {
+            return None;
+        }
+        let level = string_level(x, y, false);
+        levels[CITY] = Some(level);
+        weights[CITY] = w.weight("city", level);
+    }
+    Some(Others {
+        levels,
+        total: total(&weights),
+    })
 }
 
 fn finish(a: &Demographics, b: &Demographics, w: &Weights, rest: &Others) -> Score {
