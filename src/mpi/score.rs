@@ -484,6 +484,8 @@ pub fn score_at_least(
 struct Others {
     levels: [Option<&'static str>; 7],
     total: f64,
+    /// What the address cap takes off (zero or less), included in `total`.
+    address_cap: f64,
 }
 
 /// The fields `Others` holds, in `score`'s order: all but the two names.
@@ -521,12 +523,13 @@ fn others(a: &Demographics, b: &Demographics, w: &Weights, need: f64) -> Option<
     for (i, l) in levels.iter().enumerate() {
         weights[i] = l.map_or(0.0, |l| w.weight(OTHER_FIELDS[i], l));
     }
-    // Street, postcode and city together count at most the cap (see `finish`).
-    let total = |weights: &[f64; 7]| -> f64 {
+    // Street, postcode and city are not independent evidence: together they count at most as
+    // much as an exact street and a bit more.
+    let address_cap = |weights: &[f64; 7]| -> f64 {
         let address: f64 = weights[2..=CITY].iter().map(|x| x.max(0.0)).sum();
-        let cap = w.address_cap();
-        weights.iter().sum::<f64>() + if address > cap { cap - address } else { 0.0 }
+        (w.address_cap() - address).min(0.0)
     };
+    let total = |weights: &[f64; 7]| weights.iter().sum::<f64>() + address_cap(weights);
     if let Some((x, y)) = both(&a.city, &b.city) {
         // The sum only grows with the city's weight, so the best city bounds it.
         let mut best = weights;
@@ -542,6 +545,7 @@ fn others(a: &Demographics, b: &Demographics, w: &Weights, need: f64) -> Option<
     Some(Others {
         levels,
         total: total(&weights),
+        address_cap: address_cap(&weights),
     })
 }
 
@@ -608,19 +612,12 @@ fn finish(a: &Demographics, b: &Demographics, w: &Weights, rest: &Others) -> Sco
         }
     }
 
-    // Street, postcode and city are not independent evidence: together they count at most as
-    // much as an exact street and a bit more.
-    let address: f64 = fields
-        .iter()
-        .filter(|f| matches!(f.field.as_ref(), "street" | "postcode" | "city"))
-        .map(|f| f.weight.max(0.0))
-        .sum();
-    let cap = w.address_cap();
-    if address > cap {
+    // The address cap, as `others` found it.
+    if rest.address_cap < 0.0 {
         fields.push(FieldScore {
             field: Cow::Borrowed("address_cap"),
             level: Cow::Borrowed("correlated"),
-            weight: cap - address,
+            weight: rest.address_cap,
         });
     }
     let total = fields.iter().map(|f| f.weight).sum();
