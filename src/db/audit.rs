@@ -5,7 +5,7 @@
 use diesel::prelude::*;
 
 use super::schema::{audit_events, audit_head};
-use super::DbConn;
+use super::{prepared, DbConn};
 use crate::audit::{chain_hash, AuditRecord, ChainedRecord};
 use crate::error::Result;
 
@@ -91,9 +91,7 @@ impl Row {
 
 /// Takes the chain-head row lock (a write, so on SQLite it also takes the database write lock).
 pub fn lock_head(conn: &mut DbConn) -> Result<()> {
-    diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
-        .set(audit_head::seq.eq(audit_head::seq))
-        .execute(conn)?;
+    prepared::sql("UPDATE audit_head SET seq = seq WHERE id = 1").execute(conn)?;
     Ok(())
 }
 
@@ -102,19 +100,23 @@ pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
     if records.is_empty() {
         return Ok(Vec::new());
     }
-    // The head, locked and read in one statement: on PostgreSQL a `SELECT … FOR UPDATE`, which
-    // stays prepared (an UPDATE is parsed anew each time, a round trip of its own); SQLite has no
-    // row locks, so there a write takes the database's.
-    let head = audit_head::table
-        .filter(audit_head::id.eq(1))
-        .select((audit_head::seq, audit_head::hash));
-    let (mut seq, mut prev): (i64, String) = match conn {
-        DbConn::Postgresql(pg) => head.for_update().first(pg)?,
-        DbConn::Sqlite(_) => diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
-            .set(audit_head::seq.eq(audit_head::seq))
-            .returning((audit_head::seq, audit_head::hash))
-            .get_result(conn)?,
+    // The head, locked and read in one statement kept prepared (`db::prepared`): on
+    // PostgreSQL a `SELECT … FOR UPDATE`; SQLite has no row locks, so there a write takes the
+    // database's.
+    #[derive(QueryableByName)]
+    struct Head {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        hash: String,
+    }
+    let head = if conn.is_sqlite() {
+        "UPDATE audit_head SET seq = seq WHERE id = 1 RETURNING seq, hash"
+    } else {
+        "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
     };
+    let Head { mut seq, hash } = prepared::sql(head).get_result(conn)?;
+    let mut prev = hash;
     let mut seqs = Vec::with_capacity(records.len());
     for record in records {
         seq += 1;
@@ -125,8 +127,9 @@ pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
         prev = hash;
         seqs.push(seq);
     }
-    diesel::update(audit_head::table.filter(audit_head::id.eq(1)))
-        .set((audit_head::seq.eq(seq), audit_head::hash.eq(&prev)))
+    prepared::sql("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
+        .bind::<diesel::sql_types::BigInt, _>(seq)
+        .bind::<diesel::sql_types::Text, _>(&prev)
         .execute(conn)?;
     Ok(seqs)
 }

@@ -6,6 +6,7 @@ pub mod consent;
 pub mod documents;
 pub mod mpi;
 pub mod orgs;
+pub mod prepared;
 pub mod schema;
 
 use diesel::connection::SimpleConnection;

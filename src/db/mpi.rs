@@ -8,10 +8,12 @@ use super::schema::{
     blocking_keys, identities, identity_history, match_decisions, match_reviews, non_matches,
     source_identifiers, source_records,
 };
-use super::DbConn;
+use super::{prepared, DbConn};
 use crate::error::Result;
+use diesel::sql_types::{BigInt, Text};
 
-#[derive(Debug, Clone, Queryable)]
+#[derive(Debug, Clone, Queryable, QueryableByName)]
+#[diesel(table_name = source_records)]
 pub struct SourceRow {
     pub id: i64,
     pub org_id: String,
@@ -113,10 +115,25 @@ pub fn get_source(conn: &mut DbConn, id: i64) -> Result<Option<SourceRow>> {
 }
 
 pub fn get_sources(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<SourceRow>> {
+    if conn.is_sqlite() {
+        // The ids as one JSON array: the statement stays prepared, whatever their number.
+        return Ok(prepared::sql(
+            "SELECT * FROM source_records WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+        )
+        .bind::<Text, _>(json_array(ids)?)
+        .load(conn)?);
+    }
     Ok(source_records::table
         .filter(source_records::id.eq_any(ids))
         .order(source_records::id.asc())
         .load(conn)?)
+}
+
+/// A JSON array, for SQLite's `json_each(?)`: a list bound as one value keeps the statement
+/// prepared (an `IN (?, ?, …)` list is parsed again for every length).
+fn json_array<T: serde::Serialize>(values: &[T]) -> Result<String> {
+    serde_json::to_string(values)
+        .map_err(|e| crate::error::Error::internal(format!("JSON array for a lookup: {e}")))
 }
 
 pub fn insert_identity(conn: &mut DbConn, now: i64) -> Result<i64> {
@@ -709,6 +726,22 @@ pub fn existing_values(
     values: &[&str],
 ) -> Result<HashSet<String>> {
     let mut out = HashSet::new();
+    if conn.is_sqlite() {
+        #[derive(QueryableByName)]
+        struct Value {
+            #[diesel(sql_type = Text)]
+            value: String,
+        }
+        let found: Vec<Value> = prepared::sql(
+            "SELECT value FROM source_records \
+             WHERE system = ? AND value IN (SELECT value FROM json_each(?))",
+        )
+        .bind::<Text, _>(system)
+        .bind::<Text, _>(json_array(values)?)
+        .load(conn)?;
+        out.extend(found.into_iter().map(|v| v.value));
+        return Ok(out);
+    }
     for chunk in values.chunks(VALUES_PER_LOOKUP) {
         let found: Vec<String> = source_records::table
             .filter(source_records::system.eq(system))
@@ -736,14 +769,12 @@ pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(usize, i64)>> {
     for (c, chunk) in keys.chunks(VALUES_PER_LOOKUP).enumerate() {
         let first = c * VALUES_PER_LOOKUP;
         if conn.is_sqlite() {
-            let json = serde_json::to_string(chunk)
-                .map_err(|e| crate::error::Error::internal(format!("blocking keys: {e}")))?;
             // CROSS JOIN keeps the array as the outer loop: one index lookup per key.
-            let rows: Vec<Hit> = diesel::sql_query(
+            let rows: Vec<Hit> = prepared::sql(
                 "SELECT CAST(j.key AS INTEGER) AS n, b.source_id AS id \
                  FROM json_each(?) AS j CROSS JOIN blocking_keys AS b ON b.key = j.value",
             )
-            .bind::<diesel::sql_types::Text, _>(json)
+            .bind::<Text, _>(json_array(chunk)?)
             .load(conn)?;
             out.extend(rows.into_iter().filter_map(|h| {
                 let n = usize::try_from(h.n).ok()?;
@@ -767,6 +798,32 @@ pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(usize, i64)>> {
 /// (id, org, identity, demographics) of the active records among `ids`.
 pub fn matchable(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<(i64, String, i64, String)>> {
     let mut out = Vec::new();
+    if conn.is_sqlite() {
+        #[derive(QueryableByName)]
+        struct Matchable {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+            #[diesel(sql_type = Text)]
+            org_id: String,
+            #[diesel(sql_type = BigInt)]
+            enterprise_id: i64,
+            #[diesel(sql_type = Text)]
+            demographics: String,
+        }
+        for chunk in ids.chunks(VALUES_PER_LOOKUP) {
+            let rows: Vec<Matchable> = prepared::sql(
+                "SELECT id, org_id, enterprise_id, demographics FROM source_records \
+                 WHERE id IN (SELECT value FROM json_each(?)) AND status = 'active'",
+            )
+            .bind::<Text, _>(json_array(chunk)?)
+            .load(conn)?;
+            out.extend(
+                rows.into_iter()
+                    .map(|r| (r.id, r.org_id, r.enterprise_id, r.demographics)),
+            );
+        }
+        return Ok(out);
+    }
     for chunk in ids.chunks(VALUES_PER_LOOKUP) {
         let rows: Vec<(i64, String, i64, String)> = source_records::table
             .filter(source_records::id.eq_any(chunk))
@@ -808,16 +865,19 @@ struct NextId {
 /// The id the last row of `table` was given, as `allocate_ids` sees it: the next allocation
 /// starts right after it unless another writer takes ids first.
 pub fn newest_id(conn: &mut DbConn, table: IdTable) -> Result<i64> {
-    let t = table.name();
-    let q = if conn.is_sqlite() {
-        format!(
-            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{t}'), 0), \
-             COALESCE((SELECT MAX(id) FROM {t}), 0)) AS n"
-        )
-    } else {
-        format!("SELECT COALESCE(MAX(id), 0) AS n FROM {t}")
+    let q = match (conn.is_sqlite(), table) {
+        (true, IdTable::Identities) => {
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'identities'), 0), \
+             COALESCE((SELECT MAX(id) FROM identities), 0)) AS n"
+        }
+        (true, IdTable::SourceRecords) => {
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'source_records'), 0), \
+             COALESCE((SELECT MAX(id) FROM source_records), 0)) AS n"
+        }
+        (false, IdTable::Identities) => "SELECT COALESCE(MAX(id), 0) AS n FROM identities",
+        (false, IdTable::SourceRecords) => "SELECT COALESCE(MAX(id), 0) AS n FROM source_records",
     };
-    Ok(diesel::sql_query(q).get_result::<NextId>(conn)?.n)
+    Ok(prepared::sql(q).get_result::<NextId>(conn)?.n)
 }
 
 #[derive(QueryableByName)]
@@ -829,7 +889,7 @@ struct DataVersion {
 /// SQLite's `PRAGMA data_version` of this connection: it changes when another connection
 /// commits.
 pub fn data_version(conn: &mut DbConn) -> Result<i64> {
-    Ok(diesel::sql_query("PRAGMA data_version")
+    Ok(prepared::sql("PRAGMA data_version")
         .get_result::<DataVersion>(conn)?
         .data_version)
 }
@@ -846,14 +906,17 @@ pub fn allocate_ids(conn: &mut DbConn, table: IdTable, n: usize) -> Result<Vec<i
         let base = newest_id(conn, table)?;
         Ok((base + 1..=base + n as i64).collect())
     } else {
-        let q = format!(
-            "SELECT nextval(pg_get_serial_sequence('{t}', 'id')) AS n FROM generate_series(1, {n})"
-        );
-        let mut ids: Vec<i64> = diesel::sql_query(q)
-            .load::<NextId>(conn)?
-            .into_iter()
-            .map(|r| r.n)
-            .collect();
+        let n = i64::try_from(n)
+            .map_err(|_| crate::error::Error::internal("too many ids asked for".to_string()))?;
+        let mut ids: Vec<i64> = prepared::sql(
+            "SELECT nextval(pg_get_serial_sequence(?, 'id')) AS n FROM generate_series(1, ?)",
+        )
+        .bind::<Text, _>(t)
+        .bind::<BigInt, _>(n)
+        .load::<NextId>(conn)?
+        .into_iter()
+        .map(|r| r.n)
+        .collect();
         ids.sort_unstable();
         Ok(ids)
     }
@@ -959,12 +1022,21 @@ pub struct BulkRows {
     pub history: Vec<NewHistory>,
 }
 
-/// Multi-row INSERT on the concrete connection (diesel's `MultiConnection` has no batch insert).
+/// Inserts rows on the concrete connection (diesel's `MultiConnection` has no batch insert).
+/// PostgreSQL: one multi-row INSERT, one round trip. SQLite: one row at a time through a
+/// statement kept prepared — there is no round trip to save, and diesel parses a multi-row
+/// INSERT anew for every number of rows.
 macro_rules! multi_row {
     ($conn:expr, $table:expr, $values:expr) => {
         match $conn {
-            DbConn::Sqlite(c) => diesel::insert_into($table).values($values).execute(c)?,
-            DbConn::Postgresql(c) => diesel::insert_into($table).values($values).execute(c)?,
+            DbConn::Sqlite(c) => {
+                for v in $values {
+                    diesel::insert_into($table).values(v).execute(c)?;
+                }
+            }
+            DbConn::Postgresql(c) => {
+                diesel::insert_into($table).values($values).execute(c)?;
+            }
         }
     };
 }
