@@ -69,7 +69,7 @@ where
         parts: &mut std::str::Split<'_, char>,
         out: &mut AstPass<'_, 'b, DB>,
     ) -> QueryResult<()> {
-        let before = parts.next().ok_or_else(|| mismatch())?;
+        let before = parts.next().ok_or_else(mismatch)?;
         out.push_sql(before);
         out.push_bind_param::<ST, U>(&self.0)
     }
