@@ -620,7 +620,7 @@ pub fn verify_chain(conn: &mut db::DbConn) -> Result<Verification> {
 /// instead of returning it to the system a second later. An import builds and drops tables of
 /// hundreds of megabytes every batch; returned to the system, that memory came back zeroed by
 /// the kernel on the next batch's first touch — 7 % of the 1M import's CPU in a profile, and
-/// the run was 14 % faster without it. For a command that exits when it is done; the server
+/// the run was 11–14 % faster without it. For a command that exits when it is done; the server
 /// keeps the default.
 fn keep_freed_memory() {
     // `mi_option_purge_delay` in mimalloc's `mi_option_e` (v2 and v3); -1: never purge.
