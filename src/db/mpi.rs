@@ -760,9 +760,9 @@ pub fn existing_values(
 pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(usize, i64)>> {
     #[derive(QueryableByName)]
     struct Hit {
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        #[diesel(sql_type = BigInt)]
         n: i64,
-        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        #[diesel(sql_type = BigInt)]
         id: i64,
     }
     let mut out = Vec::new();
@@ -865,19 +865,17 @@ struct NextId {
 /// The id the last row of `table` was given, as `allocate_ids` sees it: the next allocation
 /// starts right after it unless another writer takes ids first.
 pub fn newest_id(conn: &mut DbConn, table: IdTable) -> Result<i64> {
-    let q = match (conn.is_sqlite(), table) {
-        (true, IdTable::Identities) => {
-            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'identities'), 0), \
-             COALESCE((SELECT MAX(id) FROM identities), 0)) AS n"
-        }
-        (true, IdTable::SourceRecords) => {
-            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'source_records'), 0), \
-             COALESCE((SELECT MAX(id) FROM source_records), 0)) AS n"
-        }
-        (false, IdTable::Identities) => "SELECT COALESCE(MAX(id), 0) AS n FROM identities",
-        (false, IdTable::SourceRecords) => "SELECT COALESCE(MAX(id), 0) AS n FROM source_records",
+    let t = table.name();
+    // Formatted, yet the same text for each table: prepared once per table.
+    let q = if conn.is_sqlite() {
+        format!(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{t}'), 0), \
+             COALESCE((SELECT MAX(id) FROM {t}), 0)) AS n"
+        )
+    } else {
+        format!("SELECT COALESCE(MAX(id), 0) AS n FROM {t}")
     };
-    Ok(prepared::sql(q).get_result::<NextId>(conn)?.n)
+    Ok(prepared::sql(&q).get_result::<NextId>(conn)?.n)
 }
 
 #[derive(QueryableByName)]
