@@ -3,7 +3,7 @@
 //! over mutual TLS: the HTTP feed with 8 concurrent clients, `$match` and PDQm latency,
 //! database size and memory.
 //!
-//!   cargo bench --bench mpi_scale -- [--records N] [--database-url URL] [--http-records M] [--queries Q] [--import-only [--keep]] [--reuse KEPT_DIR] [--import-batch N]
+//!   cargo bench --bench mpi_scale -- [--records N] [--clients C] [--database-url URL] [--http-records M] [--queries Q] [--import-only [--keep]] [--reuse KEPT_DIR] [--import-batch N]
 //!
 //! With --database-url postgres://… the database must be empty (the script makes a fresh one).
 
@@ -53,6 +53,11 @@ fn main() {
     let queries: usize = arg(&args, "--queries")
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000);
+    // --clients N: concurrent feed clients (the target is stated for 8).
+    let clients: usize = arg(&args, "--clients")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+        .max(1);
     // --import-batch N: records per `hie import` transaction (its default otherwise).
     let import_batch = arg(&args, "--import-batch");
     let work = tempfile::tempdir().expect("tempdir");
@@ -214,7 +219,7 @@ fn main() {
                 (format!("C{i}"), to_patient(&p, "urn:bench:c", &format!("C{i}")).to_string())
             })
             .collect();
-        let chunks: Vec<Vec<(String, String)>> = records.chunks(http_n.div_ceil(8).max(1)).map(<[_]>::to_vec).collect();
+        let chunks: Vec<Vec<(String, String)>> = records.chunks(http_n.div_ceil(clients).max(1)).map(<[_]>::to_vec).collect();
         let started = Instant::now();
         let tasks: Vec<_> = chunks
             .into_iter()
@@ -232,7 +237,7 @@ fn main() {
             t.await.expect("feed task");
         }
         let secs = started.elapsed().as_secs_f64();
-        println!("HTTP feed (PUT Patient, 8 concurrent mTLS clients): {:.0} records/s ({http_n} records)", http_n as f64 / secs);
+        println!("HTTP feed (PUT Patient, {clients} concurrent mTLS clients): {:.0} records/s ({http_n} records)", http_n as f64 / secs);
 
         // $match and PDQm latency, one client, sequential, kept-alive.
         let er = client("county-er");

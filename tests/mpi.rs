@@ -1110,6 +1110,16 @@ async fn bulk_import_decides_as_the_online_feed_does(backend: Backend) {
             lines.push(to_patient(&v, HOSP, &format!("H-dup-{i}")));
         }
     }
+    // Updates in the middle of the file (online records, decided as they are written: the
+    // next batch is matched once they are), then another record of a person already there.
+    let mut early = lines[10].clone();
+    early["address"][0]["line"][0] = json!("1 Early Lane");
+    lines.insert(45, early);
+    let mut phone = lines[20].clone();
+    phone["telecom"] = json!([{ "system": "phone", "value": "555-0100" }]);
+    lines.insert(60, phone);
+    let again = g.variant(&people[3]);
+    lines.insert(75, to_patient(&again, HOSP, "H-again-3"));
     // Twins, and a father and son: never linked.
     lines.push(patient(
         HOSP,
