@@ -372,7 +372,7 @@ pub fn candidates(
     keys: &[String],
     exclude: Option<i64>,
     limit: i64,
-) -> Result<Vec<SourceRow>> {
+) -> Result<Vec<(i64, String, i64, String)>> {
     let mut buckets: Vec<Vec<i64>> = Vec::with_capacity(keys.len());
     for key in keys {
         // One key at a time, newest first along the primary key, so a crowded key costs
@@ -387,11 +387,9 @@ pub fn candidates(
         buckets.push(ids);
     }
     let ids = rank_candidates(&buckets, usize::try_from(limit).unwrap_or(usize::MAX));
-    let mut rows: Vec<SourceRow> = source_records::table
-        .filter(source_records::id.eq_any(&ids))
-        .filter(source_records::status.eq("active"))
-        .load(conn)?;
-    rows.sort_by_key(|r| ids.iter().position(|id| *id == r.id));
+    // What matching reads of a candidate, not the whole row (its Patient resource is most of it).
+    let mut rows = matchable(conn, &ids)?;
+    rows.sort_by_key(|r| ids.iter().position(|id| *id == r.0));
     Ok(rows)
 }
 

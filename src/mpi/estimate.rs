@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::normalize::Demographics;
 use super::score::{self, TermFrequencies, Weights, TERM_FREQUENCY_FIELDS};
+use super::Candidate;
 use crate::db::mpi as store;
 use crate::db::DbConn;
 use crate::error::Result;
@@ -25,14 +26,11 @@ fn pairs(conn: &mut DbConn, w: &Weights, sample: i64) -> Result<Vec<Vector>> {
         let Ok(a) = serde_json::from_str::<Demographics>(&r.demographics) else {
             continue;
         };
-        for c in store::candidates(conn, &a.blocking_keys(), Some(r.id), 50)? {
+        for c in Candidate::of_rows(store::candidates(conn, &a.blocking_keys(), Some(r.id), 50)?) {
             if c.id < r.id {
                 continue;
             }
-            let Ok(b) = serde_json::from_str::<Demographics>(&c.demographics) else {
-                continue;
-            };
-            let s = score::score(&a, &b, w);
+            let s = score::score(&a, &c.demo, w);
             out.push(
                 s.fields
                     .into_iter()

@@ -126,14 +126,15 @@ pub struct Candidate {
 
 impl Candidate {
     /// Records whose stored demographics cannot be read are left out (never matched).
-    pub fn of_rows(rows: &[SourceRow]) -> Vec<Candidate> {
-        rows.iter()
-            .filter_map(|r| {
+    /// `(id, org, identity, demographics)` as `store::candidates` and `store::matchable` read them.
+    pub fn of_rows(rows: Vec<(i64, String, i64, String)>) -> Vec<Candidate> {
+        rows.into_iter()
+            .filter_map(|(id, org_id, enterprise_id, demo)| {
                 Some(Candidate {
-                    id: r.id,
-                    org_id: r.org_id.clone(),
-                    enterprise_id: r.enterprise_id,
-                    demo: serde_json::from_str(&r.demographics).ok()?,
+                    id,
+                    org_id,
+                    enterprise_id,
+                    demo: serde_json::from_str(&demo).ok()?,
                 })
             })
             .collect()
@@ -519,7 +520,7 @@ fn upsert(
         None => {
             let candidates =
                 store::candidates(conn, &demo.blocking_keys(), None, s.max_candidates)?;
-            let candidates = Candidate::of_rows(&candidates);
+            let candidates = Candidate::of_rows(candidates);
             let eval = evaluate(s, org.id.as_str(), &demo, &candidates, &HashSet::new());
             let (eid, kind) = match &eval.link {
                 Some(l) => (l.enterprise_id, "auto"),
@@ -588,7 +589,7 @@ fn rematch(
     let old_eid = e.enterprise_id;
     let non_matches = store::non_matches_of(conn, e.id)?;
     let candidates = store::candidates(conn, &demo.blocking_keys(), Some(e.id), s.max_candidates)?;
-    let candidates: Vec<Candidate> = Candidate::of_rows(&candidates)
+    let candidates: Vec<Candidate> = Candidate::of_rows(candidates)
         .into_iter()
         .filter(|c| c.enterprise_id != old_eid)
         .collect();
@@ -1052,11 +1053,8 @@ pub fn match_patient(
     let demo = Demographics::from_patient(patient, &s.shared_systems);
     let candidates = store::candidates(conn, &demo.blocking_keys(), None, s.max_candidates)?;
     let mut best: BTreeMap<i64, Score> = BTreeMap::new();
-    for c in &candidates {
-        let Ok(other) = serde_json::from_str::<Demographics>(&c.demographics) else {
-            continue;
-        };
-        let Some(sc) = score::score_at_least(&demo, &other, &s.weights, s.possible) else {
+    for c in Candidate::of_rows(candidates) {
+        let Some(sc) = score::score_at_least(&demo, &c.demo, &s.weights, s.possible) else {
             continue;
         };
         let better = best
