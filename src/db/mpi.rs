@@ -372,7 +372,7 @@ pub fn candidates(
     keys: &[String],
     exclude: Option<i64>,
     limit: i64,
-) -> Result<Vec<(i64, String, i64, String)>> {
+) -> Result<Vec<CandidateRow>> {
     let mut buckets: Vec<Vec<i64>> = Vec::with_capacity(keys.len());
     for key in keys {
         // One key at a time, newest first along the primary key, so a crowded key costs
@@ -793,8 +793,11 @@ pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(usize, i64)>> {
     Ok(out)
 }
 
+/// What matching reads of a stored record: (id, member, identity, demographics as stored).
+pub type CandidateRow = (i64, String, i64, String);
+
 /// (id, org, identity, demographics) of the active records among `ids`.
-pub fn matchable(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<(i64, String, i64, String)>> {
+pub fn matchable(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<CandidateRow>> {
     let mut out = Vec::new();
     if conn.is_sqlite() {
         #[derive(QueryableByName)]
@@ -823,7 +826,7 @@ pub fn matchable(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<(i64, String, i64
         return Ok(out);
     }
     for chunk in ids.chunks(VALUES_PER_LOOKUP) {
-        let rows: Vec<(i64, String, i64, String)> = source_records::table
+        let rows: Vec<CandidateRow> = source_records::table
             .filter(source_records::id.eq_any(chunk))
             .filter(source_records::status.eq("active"))
             .select((

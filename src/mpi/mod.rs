@@ -126,8 +126,8 @@ pub struct Candidate {
 
 impl Candidate {
     /// Records whose stored demographics cannot be read are left out (never matched).
-    /// `(id, org, identity, demographics)` as `store::candidates` and `store::matchable` read them.
-    pub fn of_rows(rows: Vec<(i64, String, i64, String)>) -> Vec<Candidate> {
+    /// The rows `store::candidates` and `store::matchable` read.
+    pub fn of_rows(rows: Vec<store::CandidateRow>) -> Vec<Candidate> {
         rows.into_iter()
             .filter_map(|(id, org_id, enterprise_id, demo)| {
                 Some(Candidate {
