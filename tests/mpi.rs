@@ -1545,62 +1545,123 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
 }
 on_both_backends!(pipelined_matching_sees_unwritten_batches_and_notices_stale_ones);
 
-/// The re-keying migrations that filed existing records under a new or changed blocking key
-/// (birth date + initials; the street key's new form) must file them exactly as
-/// `Demographics::blocking_keys` does for new ones: run each again on a loaded database whose
-/// keys of that kind were removed, and the same keys come back.
-async fn rekeying_migration_files_keys_as_the_code_does(backend: Backend) {
+/// An upgrade from a database whose blocking keys are text. The re-keying migrations that
+/// filed existing records under a new or changed key (birth date + initials; the street key's
+/// new form) file them exactly as `Demographics::blocking_keys` does for new ones: run each
+/// again on such a database whose keys of that kind were removed, and the same keys come back.
+/// Then the move to key ids (migration 9, and `rekey_blocking_keys` after it, as `migrate`
+/// runs them) files every record as the code now does, and drops the text table.
+async fn upgrading_from_text_keys_files_keys_as_the_code_does(backend: Backend) {
     use diesel::connection::SimpleConnection;
-    use diesel::{QueryDsl, RunQueryDsl, TextExpressionMethods};
-    use hie_broker::db::schema::blocking_keys::dsl as bk;
-    let migrations = match &backend {
-        Backend::Sqlite => [
-            (
-                "di:%",
-                include_str!(
-                    "../migrations/sqlite/2026-11-24-000007_birth_date_initials_key/up.sql"
-                ),
-            ),
-            (
-                "ad:%",
-                include_str!("../migrations/sqlite/2026-11-25-000008_street_key/up.sql"),
-            ),
-        ],
-        Backend::Postgres(_) => [
-            (
-                "di:%",
+    use diesel::sql_types::{BigInt, Text};
+    use diesel::{ExpressionMethods, QueryDsl, QueryableByName, RunQueryDsl};
+    use hie_broker::db::schema::{blocking_keys::dsl as bk, source_records::dsl as sr};
+    use hie_broker::mpi::normalize::Demographics;
+    #[derive(QueryableByName, PartialEq, Eq, PartialOrd, Ord, Debug)]
+    struct TextKey {
+        #[diesel(sql_type = Text)]
+        key: String,
+        #[diesel(sql_type = BigInt)]
+        source_id: i64,
+    }
+    let pg = matches!(backend, Backend::Postgres(_));
+    let (_work, mut conn) = loaded_db(&backend, 60, &[]);
+    let filed: Vec<(i64, i64)> = bk::blocking_keys
+        .select((bk::key, bk::source_id))
+        .order((bk::key, bk::source_id))
+        .load(&mut *conn)
+        .expect("key ids");
+    // What the earlier version filed: every active record's keys, as text.
+    let records: Vec<(i64, String)> = sr::source_records
+        .filter(sr::status.eq("active"))
+        .select((sr::id, sr::demographics))
+        .load(&mut *conn)
+        .expect("records");
+    let mut text: Vec<TextKey> = records
+        .iter()
+        .flat_map(|(id, demo)| {
+            let d: Demographics = serde_json::from_str(demo).expect("demographics");
+            d.blocking_keys().into_iter().map(|key| TextKey {
+                key,
+                source_id: *id,
+            })
+        })
+        .collect();
+    text.sort();
+    assert!(text.len() >= 500, "{}", text.len());
+    let text_table = if pg {
+        "CREATE TABLE blocking_keys (key TEXT NOT NULL, source_id BIGINT NOT NULL, \
+         PRIMARY KEY (key, source_id))"
+    } else {
+        "CREATE TABLE blocking_keys (key TEXT NOT NULL, source_id BIGINT NOT NULL, \
+         PRIMARY KEY (key, source_id)) WITHOUT ROWID"
+    };
+    conn.batch_execute(&format!("DROP TABLE blocking_keys; {text_table}"))
+        .expect("text keys table");
+    let read = |conn: &mut hie_broker::db::PooledConn| -> Vec<TextKey> {
+        diesel::sql_query("SELECT key, source_id FROM blocking_keys ORDER BY key, source_id")
+            .load(&mut **conn)
+            .expect("text keys")
+    };
+    let (rekeying, move_to_ids) = if pg {
+        (
+            [
                 include_str!(
                     "../migrations/postgres/2026-11-24-000007_birth_date_initials_key/up.sql"
                 ),
-            ),
-            (
-                "ad:%",
                 include_str!("../migrations/postgres/2026-11-25-000008_street_key/up.sql"),
-            ),
-        ],
+            ],
+            include_str!("../migrations/postgres/2026-11-25-000009_blocking_key_ids/up.sql"),
+        )
+    } else {
+        (
+            [
+                include_str!(
+                    "../migrations/sqlite/2026-11-24-000007_birth_date_initials_key/up.sql"
+                ),
+                include_str!("../migrations/sqlite/2026-11-25-000008_street_key/up.sql"),
+            ],
+            include_str!("../migrations/sqlite/2026-11-25-000009_blocking_key_ids/up.sql"),
+        )
     };
-    let (_work, mut conn) = loaded_db(&backend, 60, &[]);
-    for (kind, up) in migrations {
-        let keys = |conn: &mut hie_broker::db::PooledConn| {
-            let mut keys: Vec<(String, i64)> = bk::blocking_keys
-                .filter(bk::key.like(kind))
-                .select((bk::key, bk::source_id))
-                .load(&mut **conn)
-                .expect("keys");
-            keys.sort();
-            keys
-        };
-        let filed = keys(&mut conn);
-        assert!(filed.len() >= 55, "{kind}: {filed:?}");
-        diesel::delete(bk::blocking_keys.filter(bk::key.like(kind)))
-            .execute(&mut *conn)
-            .expect("delete");
-        assert!(keys(&mut conn).is_empty());
-        conn.batch_execute(up).expect("re-keying");
-        assert_eq!(keys(&mut conn), filed, "{kind}");
+    // Filed as the earlier version would, but for the keys the two migrations add.
+    for k in text
+        .iter()
+        .filter(|k| !k.key.starts_with("di:") && !k.key.starts_with("ad:"))
+    {
+        diesel::sql_query(if pg {
+            "INSERT INTO blocking_keys (key, source_id) VALUES ($1, $2)"
+        } else {
+            "INSERT INTO blocking_keys (key, source_id) VALUES (?, ?)"
+        })
+        .bind::<Text, _>(&k.key)
+        .bind::<BigInt, _>(k.source_id)
+        .execute(&mut *conn)
+        .expect("text key");
     }
+    assert!(read(&mut conn).len() < text.len());
+    for up in rekeying {
+        conn.batch_execute(up).expect("re-keying");
+    }
+    assert_eq!(read(&mut conn), text);
+
+    conn.batch_execute(move_to_ids).expect("migration 9");
+    // Pages of seven keys: many pages, and a page boundary inside keys several records share.
+    let moved = hie_broker::db::mpi::rekey_blocking_keys(&mut conn, 7).expect("rekey");
+    assert_eq!(moved, text.len());
+    let now: Vec<(i64, i64)> = bk::blocking_keys
+        .select((bk::key, bk::source_id))
+        .order((bk::key, bk::source_id))
+        .load(&mut *conn)
+        .expect("key ids");
+    assert_eq!(now, filed);
+    // The text table is gone: a second run finds nothing to move.
+    assert_eq!(
+        hie_broker::db::mpi::rekey_blocking_keys(&mut conn, 7).expect("again"),
+        0
+    );
 }
-on_both_backends!(rekeying_migration_files_keys_as_the_code_does);
+on_both_backends!(upgrading_from_text_keys_files_keys_as_the_code_does);
 
 /// `hie mpi estimate`'s term frequencies, on both backends: a surname held by many records is
 /// listed with its share and weighs less when it agrees; names held by few are not listed.

@@ -386,22 +386,39 @@ pub fn migrate_only(config: &DatabaseConfig) -> Result<usize> {
 
 /// Runs pending migrations. On PostgreSQL an advisory lock keeps several brokers starting at
 /// once from migrating concurrently; SQLite is switched to WAL here, once.
+/// The steps SQL cannot do (`mpi::rekey_blocking_keys`) run after them, under the same lock.
 pub fn migrate(conn: &mut DbConn) -> Result<usize> {
-    let applied = match conn {
-        DbConn::Sqlite(c) => {
-            c.batch_execute("PRAGMA journal_mode = WAL;")?;
-            c.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len())
-        }
-        DbConn::Postgresql(c) => {
-            c.batch_execute("SELECT pg_advisory_lock(727274)")?;
-            let r = c
-                .run_pending_migrations(POSTGRES_MIGRATIONS)
-                .map(|v| v.len());
-            c.batch_execute("SELECT pg_advisory_unlock(727274)")?;
-            r
-        }
+    let failed =
+        |e: &dyn std::fmt::Display| Error::config(format!("database migration failed: {e}"));
+    let pg = !conn.is_sqlite();
+    if pg {
+        conn.batch_execute("SELECT pg_advisory_lock(727274)")?;
+    }
+    let applied = match &mut *conn {
+        DbConn::Sqlite(c) => c
+            .batch_execute("PRAGMA journal_mode = WAL;")
+            .map_err(|e| failed(&e))
+            .and_then(|_| {
+                c.run_pending_migrations(SQLITE_MIGRATIONS)
+                    .map(|v| v.len())
+                    .map_err(|e| failed(&e))
+            }),
+        DbConn::Postgresql(c) => c
+            .run_pending_migrations(POSTGRES_MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(|e| failed(&e)),
     };
-    applied.map_err(|e| Error::config(format!("database migration failed: {e}")))
+    let rekeyed = applied.and_then(|n| {
+        let moved = mpi::rekey_blocking_keys(conn, mpi::REKEY_PAGE).map_err(|e| failed(&e))?;
+        if moved > 0 {
+            tracing::info!(keys = moved, "blocking keys filed by key id");
+        }
+        Ok(n)
+    });
+    if pg {
+        conn.batch_execute("SELECT pg_advisory_unlock(727274)")?;
+    }
+    rekeyed
 }
 
 /// A write transaction. On SQLite it takes the write lock first (a deferred transaction that

@@ -1,5 +1,6 @@
 //! Queries of the master patient index.
 
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::AggregateExpressionMethods;
 use std::collections::{HashMap, HashSet};
@@ -10,6 +11,7 @@ use super::schema::{
 };
 use super::{prepared, DbConn};
 use crate::error::Result;
+use crate::mpi::normalize::{key_id, KeyId};
 use diesel::sql_types::{BigInt, Text};
 
 #[derive(Debug, Clone, Queryable, QueryableByName)]
@@ -338,10 +340,10 @@ pub fn system_in_use(conn: &mut DbConn, system: &str) -> Result<bool> {
 pub fn update_blocking_keys(
     conn: &mut DbConn,
     source_id: i64,
-    old: &[String],
-    new: &[String],
+    old: &[KeyId],
+    new: &[KeyId],
 ) -> Result<()> {
-    let gone: Vec<&String> = old.iter().filter(|k| !new.contains(k)).collect();
+    let gone: Vec<KeyId> = old.iter().copied().filter(|k| !new.contains(k)).collect();
     if !gone.is_empty() {
         diesel::delete(
             blocking_keys::table
@@ -361,6 +363,93 @@ pub fn update_blocking_keys(
     Ok(())
 }
 
+/// Blocking keys filed as text before key ids (migration `2026-11-25-000009`), while they
+/// wait to be moved.
+mod text_keys {
+    diesel::table! {
+        blocking_keys_text (key, source_id) {
+            key -> Text,
+            source_id -> BigInt,
+        }
+    }
+}
+
+/// Text keys read at a time by `rekey_blocking_keys`.
+pub const REKEY_PAGE: i64 = 50_000;
+
+/// Moves the blocking keys filed as text to their ids (`normalize::key_id`) and drops the
+/// text table, in one transaction, reading `page` keys at a time; run right after the
+/// migrations. Does nothing when there is no text table. Returns the number of keys moved.
+pub fn rekey_blocking_keys(conn: &mut DbConn, page: i64) -> Result<usize> {
+    use text_keys::blocking_keys_text as text;
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let probe = if conn.is_sqlite() {
+        "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'blocking_keys_text'"
+    } else {
+        "SELECT count(*) AS n FROM information_schema.tables \
+         WHERE table_name = 'blocking_keys_text' AND table_schema = current_schema()"
+    };
+    let found: Count = diesel::sql_query(probe).get_result(conn)?;
+    if found.n == 0 {
+        return Ok(0);
+    }
+    conn.transaction(|c| {
+        let mut moved = 0;
+        let mut after: Option<(String, i64)> = None;
+        loop {
+            let mut q = text::table
+                .select((text::key, text::source_id))
+                .order((text::key, text::source_id))
+                .limit(page)
+                .into_boxed();
+            if let Some((k, id)) = &after {
+                q = q.filter(
+                    text::key
+                        .gt(k.clone())
+                        .or(text::key.eq(k.clone()).and(text::source_id.gt(*id))),
+                );
+            }
+            let page: Vec<(String, i64)> = q.load(c)?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            let mut ids: Vec<(KeyId, i64)> = page.iter().map(|(k, id)| (key_id(k), *id)).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            moved += page.len();
+            for chunk in ids.chunks(ROWS_PER_INSERT) {
+                let values: Vec<_> = chunk
+                    .iter()
+                    .map(|(k, id)| (blocking_keys::key.eq(*k), blocking_keys::source_id.eq(*id)))
+                    .collect();
+                // Two texts of one record with one hash: filed once.
+                match &mut *c {
+                    DbConn::Sqlite(c) => {
+                        for v in values {
+                            diesel::insert_or_ignore_into(blocking_keys::table)
+                                .values(v)
+                                .execute(c)?;
+                        }
+                    }
+                    DbConn::Postgresql(c) => {
+                        diesel::insert_into(blocking_keys::table)
+                            .values(values)
+                            .on_conflict_do_nothing()
+                            .execute(c)?;
+                    }
+                }
+            }
+            after = Some(last);
+        }
+        c.batch_execute("DROP TABLE blocking_keys_text")?;
+        Ok(moved)
+    })
+}
+
 /// Records filed under one blocking key read at most: a crowded key (a common surname and
 /// birth year) adds nothing past this that the record's other keys do not find.
 pub const BUCKET_READ: i64 = 256;
@@ -369,7 +458,7 @@ pub const BUCKET_READ: i64 = 256;
 /// `limit`.
 pub fn candidates(
     conn: &mut DbConn,
-    keys: &[String],
+    keys: &[KeyId],
     exclude: Option<i64>,
     limit: i64,
 ) -> Result<Vec<CandidateRow>> {
@@ -753,9 +842,8 @@ pub fn existing_values(
 
 /// (position in `keys`, source id) of every record filed under one of `keys`. On SQLite the
 /// keys go in as one JSON array and come back as their positions: a batch's lookup returns
-/// millions of rows at 1M patients, and returning each key's text allocated a string per row
-/// and hashed it again to find its position.
-pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(usize, i64)>> {
+/// millions of rows at 1M patients.
+pub fn key_hits(conn: &mut DbConn, keys: &[KeyId]) -> Result<Vec<(usize, i64)>> {
     #[derive(QueryableByName)]
     struct Hit {
         #[diesel(sql_type = BigInt)]
@@ -779,14 +867,15 @@ pub fn key_hits(conn: &mut DbConn, keys: &[&str]) -> Result<Vec<(usize, i64)>> {
                 Some((first + n, h.id))
             }));
         } else {
-            let at: HashMap<&str, usize> = chunk.iter().enumerate().map(|(i, k)| (*k, i)).collect();
-            let rows: Vec<(String, i64)> = blocking_keys::table
+            let at: HashMap<KeyId, usize> =
+                chunk.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+            let rows: Vec<(KeyId, i64)> = blocking_keys::table
                 .filter(blocking_keys::key.eq_any(chunk))
                 .select((blocking_keys::key, blocking_keys::source_id))
                 .load(conn)?;
             out.extend(
                 rows.into_iter()
-                    .filter_map(|(k, id)| Some((first + *at.get(k.as_str())?, id))),
+                    .filter_map(|(k, id)| Some((first + *at.get(&k)?, id))),
             );
         }
     }
@@ -1015,7 +1104,7 @@ pub struct BulkRows {
     pub identities: Vec<NewIdentity>,
     pub sources: Vec<NewSource>,
     pub identifiers: Vec<(String, String, i64)>,
-    pub keys: Vec<(String, i64)>,
+    pub keys: Vec<(KeyId, i64)>,
     pub decisions: Vec<NewDecision>,
     pub reviews: Vec<NewReview>,
     pub history: Vec<NewHistory>,

@@ -118,7 +118,7 @@ diesel::table! {
 
 diesel::table! {
     blocking_keys (key, source_id) {
-        key -> Text,
+        key -> BigInt,
         source_id -> BigInt,
     }
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::normalize::Demographics;
+use super::normalize::{Demographics, KeyId};
 use super::score::Score;
 use super::{
     content, evaluate_scored, feed_in, golden, indexed_identifiers, replaced_by, review_score,
@@ -70,7 +70,7 @@ struct Prepared {
     /// As sent, for the online path.
     raw_ids: Vec<(String, String)>,
     demo: Demographics,
-    keys: Vec<String>,
+    keys: Vec<KeyId>,
     /// The row's content (serialised here, on every core).
     content: SourceContent,
     /// The golden record of a person known only from this record.
@@ -113,7 +113,7 @@ fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Prepa
     let merge = replaced_by(&patient)?.is_some();
     let demo = Demographics::from_patient(&patient, &s.shared_systems);
     Ok(Prepared {
-        keys: demo.blocking_keys(),
+        keys: demo.key_ids(),
         content: content(&patient, &demo, 0),
         golden: golden(&[&patient]),
         ids: indexed_identifiers(s, &raw_ids),
@@ -211,7 +211,7 @@ struct PendingGroup {
     /// The pending id of `records[0]`; the others follow.
     first: i64,
     records: Vec<Candidate>,
-    keys: HashMap<String, Vec<usize>>,
+    keys: HashMap<KeyId, Vec<usize>>,
     identifiers: HashSet<(String, String)>,
 }
 
@@ -354,10 +354,10 @@ impl Matcher {
                 .iter()
                 .map(|d| (d.prepared.system.clone(), d.prepared.value.clone()))
                 .collect();
-            let mut keys: HashMap<String, Vec<usize>> = HashMap::new();
+            let mut keys: HashMap<KeyId, Vec<usize>> = HashMap::new();
             for (k, d) in decided.iter().enumerate() {
                 for key in &d.prepared.keys {
-                    keys.entry(key.clone()).or_default().push(k);
+                    keys.entry(*key).or_default().push(k);
                 }
             }
             self.pending.push_back(Arc::new(PendingGroup {
@@ -898,16 +898,16 @@ fn gather(
 ) -> Result<Gathered> {
     let limit = usize::try_from(s.max_candidates).unwrap_or(usize::MAX);
     // The batch's distinct keys, numbered; each record's keys by number.
-    let mut numbers: HashMap<&str, usize> = HashMap::new();
-    let mut keys: Vec<&str> = Vec::new();
+    let mut numbers: HashMap<KeyId, usize> = HashMap::new();
+    let mut keys: Vec<KeyId> = Vec::new();
     let record_keys: Vec<Vec<usize>> = fresh
         .iter()
         .map(|(_, p)| {
             p.keys
                 .iter()
                 .map(|k| {
-                    *numbers.entry(k.as_str()).or_insert_with(|| {
-                        keys.push(k.as_str());
+                    *numbers.entry(*k).or_insert_with(|| {
+                        keys.push(*k);
                         keys.len() - 1
                     })
                 })
@@ -930,7 +930,7 @@ fn gather(
             .rev()
             .flat_map(|g| {
                 g.keys
-                    .get(keys[k])
+                    .get(&keys[k])
                     .into_iter()
                     .flat_map(move |ix| ix.iter().rev().map(move |&i| g.first + i as i64))
             })

@@ -21,7 +21,7 @@ use crate::db::mpi::{self as store, SourceContent, SourceRow};
 use crate::db::{self, DbConn};
 use crate::error::{Error, Result};
 use crate::orgs::Organization;
-use normalize::{metaphone, Demographics};
+use normalize::{metaphone, Demographics, KeyId};
 use score::{Score, Thresholds, Weights};
 
 /// How the MPI matches, from `[mpi]` in the configuration.
@@ -267,12 +267,12 @@ pub fn evaluate_scored<C: std::borrow::Borrow<Candidate>>(
 
 /// The blocking keys a stored record is filed under: those of its stored demographics while it
 /// is active; none once it was replaced or deleted (its keys were removed then).
-fn stored_keys(row: &SourceRow) -> Vec<String> {
+fn stored_keys(row: &SourceRow) -> Vec<KeyId> {
     if row.status != "active" {
         return Vec::new();
     }
     serde_json::from_str::<Demographics>(&row.demographics)
-        .map(|d| d.blocking_keys())
+        .map(|d| d.key_ids())
         .unwrap_or_default()
 }
 
@@ -518,8 +518,7 @@ fn upsert(
     let normalised_ids = indexed_identifiers(s, ids);
     match existing {
         None => {
-            let candidates =
-                store::candidates(conn, &demo.blocking_keys(), None, s.max_candidates)?;
+            let candidates = store::candidates(conn, &demo.key_ids(), None, s.max_candidates)?;
             let candidates = Candidate::of_rows(candidates);
             let eval = evaluate(s, org.id.as_str(), &demo, &candidates, &HashSet::new());
             let (eid, kind) = match &eval.link {
@@ -537,7 +536,7 @@ fn upsert(
                 now,
             )?;
             store::replace_identifiers(conn, sid, &normalised_ids)?;
-            store::update_blocking_keys(conn, sid, &[], &demo.blocking_keys())?;
+            store::update_blocking_keys(conn, sid, &[], &demo.key_ids())?;
             let mut result = apply(conn, sid, eid, &eval, now)?;
             result.created = true;
             Ok(result)
@@ -545,7 +544,7 @@ fn upsert(
         Some(e) => {
             store::update_source_content(conn, e.id, &content)?;
             store::replace_identifiers(conn, e.id, &normalised_ids)?;
-            store::update_blocking_keys(conn, e.id, &stored_keys(&e), &demo.blocking_keys())?;
+            store::update_blocking_keys(conn, e.id, &stored_keys(&e), &demo.key_ids())?;
             rematch(conn, s, org, e, &demo, now)
         }
     }
@@ -588,7 +587,7 @@ fn rematch(
     }
     let old_eid = e.enterprise_id;
     let non_matches = store::non_matches_of(conn, e.id)?;
-    let candidates = store::candidates(conn, &demo.blocking_keys(), Some(e.id), s.max_candidates)?;
+    let candidates = store::candidates(conn, &demo.key_ids(), Some(e.id), s.max_candidates)?;
     let candidates: Vec<Candidate> = Candidate::of_rows(candidates)
         .into_iter()
         .filter(|c| c.enterprise_id != old_eid)
@@ -1051,7 +1050,7 @@ pub fn match_patient(
             .at("Parameters.parameter.resource"));
     }
     let demo = Demographics::from_patient(patient, &s.shared_systems);
-    let candidates = store::candidates(conn, &demo.blocking_keys(), None, s.max_candidates)?;
+    let candidates = store::candidates(conn, &demo.key_ids(), None, s.max_candidates)?;
     let mut best: BTreeMap<i64, Score> = BTreeMap::new();
     for c in Candidate::of_rows(candidates) {
         let Some(sc) = score::score_at_least(&demo, &c.demo, &s.weights, s.possible) else {

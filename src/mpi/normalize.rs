@@ -253,6 +253,14 @@ impl Demographics {
         self.birth_date.as_deref().and_then(|d| d.get(..4))
     }
 
+    /// The record's blocking keys as stored (`key_id`), sorted, each once.
+    pub fn key_ids(&self) -> Vec<KeyId> {
+        let mut ids: Vec<KeyId> = self.blocking_keys().iter().map(|k| key_id(k)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
     /// Keys under which candidates for this record are looked up (and it is stored).
     pub fn blocking_keys(&self) -> Vec<String> {
         let mut keys = Vec::new();
@@ -315,6 +323,22 @@ impl Demographics {
     }
 }
 
+/// A blocking key as the database files it: the 64-bit FNV-1a hash of its text. An integer
+/// key makes the key index a third smaller than the text (~17 bytes a key, ten keys a record)
+/// and its comparisons integer ones; both the bulk load's writes and every candidate lookup
+/// walk that index. Two keys sharing a hash (about one pair in 10^12 at 10 million keys)
+/// only bring one more candidate to be scored, never a link. FNV-1a is fixed by its
+/// definition, so stored keys stay valid across versions and platforms.
+pub type KeyId = i64;
+
+pub fn key_id(key: &str) -> KeyId {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(key.as_bytes());
+    // Stored as a signed BIGINT: the same 64 bits.
+    h.finish() as i64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +394,17 @@ mod tests {
             .iter()
             .any(|k| k == "id:http://hl7.org/fhir/sid/us-ssn|123456789"));
         assert!(keys.iter().any(|k| k == "ad:12345:4 m"), "{keys:?}");
+        let ids = d.key_ids();
+        assert_eq!(ids.len(), keys.len());
+        assert!(ids.contains(&key_id("ad:12345:4 m")));
+    }
+
+    #[test]
+    fn key_ids_are_fnv_1a() {
+        // The published FNV-1a 64 test vectors: stored keys must never change meaning.
+        assert_eq!(key_id("") as u64, 0xcbf29ce484222325);
+        assert_eq!(key_id("a") as u64, 0xaf63dc4c8601ec8c);
+        assert_eq!(key_id("foobar") as u64, 0x85944171f73967e8);
     }
 
     #[test]

@@ -119,6 +119,11 @@ impl Weights {
         1.4 * self.weight("street", "exact")
     }
 
+    /// The weight of a level of one of `score`'s fields.
+    fn at(&self, field: Field, level: Level) -> f64 {
+        self.grid[field as usize][level as usize]
+    }
+
     pub fn weight(&self, field: &str, level: &str) -> f64 {
         if let (Some(f), Some(l)) = (field_index(field), level_index(level)) {
             return self.grid[f][l];
@@ -211,6 +216,48 @@ const LEVELS: [&str; 9] = [
     "agree",
     "disagree",
 ];
+
+/// A field `score` compares: its place in `FIELDS` and `Weights::grid`. Scoring names fields
+/// and levels by position, not by string: a string compare per field per candidate was a tenth
+/// of a bulk load's matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Given,
+    Family,
+    BirthDate,
+    Gender,
+    Postcode,
+    Street,
+    City,
+    Phone,
+    SharedId,
+}
+
+impl Field {
+    fn name(self) -> &'static str {
+        FIELDS[self as usize]
+    }
+}
+
+/// A comparison level: its place in `LEVELS` and `Weights::grid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Exact,
+    Nickname,
+    Close,
+    Similar,
+    Phonetic,
+    Transposed,
+    Typo,
+    Agree,
+    Disagree,
+}
+
+impl Level {
+    fn name(self) -> &'static str {
+        LEVELS[self as usize]
+    }
+}
 
 /// A field's place in `FIELDS` (a `match`, which compiles to fixed-length compares).
 fn field_index(field: &str) -> Option<usize> {
@@ -318,29 +365,29 @@ pub struct Thresholds {
     pub review: f64,
 }
 
-fn string_level(a: &str, b: &str, with_phonetic: bool) -> &'static str {
+fn string_level(a: &str, b: &str, with_phonetic: bool) -> Level {
     if a == b {
-        return "exact";
+        return Level::Exact;
     }
     let jw = jaro_winkler(a, b);
     if jw >= 0.94 {
-        "close"
+        Level::Close
     } else if jw >= 0.86 || (a.len().min(b.len()) >= 5 && edits(a, b) <= 2) {
-        "similar"
+        Level::Similar
     } else if with_phonetic && metaphone(a) == metaphone(b) {
-        "phonetic"
+        Level::Phonetic
     } else {
-        "disagree"
+        Level::Disagree
     }
 }
 
-fn given_level(a: &Demographics, b: &Demographics) -> Option<&'static str> {
+fn given_level(a: &Demographics, b: &Demographics) -> Option<Level> {
     let (x, y) = (a.given.as_deref()?, b.given.as_deref()?);
     if x == y {
-        return Some("exact");
+        return Some(Level::Exact);
     }
     if are_nicknames(x, y) {
-        return Some("nickname");
+        return Some(Level::Nickname);
     }
     // A middle name used as the first name on one side.
     let in_middle = |d: &Demographics, n: &str| {
@@ -349,26 +396,26 @@ fn given_level(a: &Demographics, b: &Demographics) -> Option<&'static str> {
             .is_some_and(|m| m.split(' ').any(|w| w == n))
     };
     if in_middle(a, y) || in_middle(b, x) {
-        return Some("close");
+        return Some(Level::Close);
     }
     Some(string_level(x, y, true))
 }
 
-fn date_level(a: &str, b: &str) -> &'static str {
+fn date_level(a: &str, b: &str) -> Level {
     if a == b {
-        return "exact";
+        return Level::Exact;
     }
     if a.len() != 10 || b.len() != 10 {
         return if a.get(..4) == b.get(..4) {
-            "typo"
+            Level::Typo
         } else {
-            "disagree"
+            Level::Disagree
         };
     }
     let (ya, ma, da) = (&a[..4], &a[5..7], &a[8..]);
     let (yb, mb, db) = (&b[..4], &b[5..7], &b[8..]);
     if ya == yb && ma == db && da == mb {
-        return "transposed";
+        return Level::Transposed;
     }
     let differing = a.bytes().zip(b.bytes()).filter(|(x, y)| x != y).count();
     let years_apart = ya
@@ -382,12 +429,12 @@ fn date_level(a: &str, b: &str) -> &'static str {
     // month/day boundary (11-23 / 12-13).
     let swapped = ya == yb && digits_edits(a, b) == 1;
     if (differing == 1 && years_apart < GENERATION_YEARS) || swapped {
-        return "typo";
+        return Level::Typo;
     }
     if differing == 2 && years_apart < GENERATION_YEARS {
-        return "similar";
+        return Level::Similar;
     }
-    "disagree"
+    Level::Disagree
 }
 
 /// `edits` between two dates with their dashes taken out (without allocating: most candidates'
@@ -410,30 +457,30 @@ fn digits_edits(a: &str, b: &str) -> usize {
     }
 }
 
-fn edit_level(a: &str, b: &str, near: &'static str) -> &'static str {
+fn edit_level(a: &str, b: &str, near: Level) -> Level {
     if a == b {
-        "exact"
+        Level::Exact
     } else if edits(a, b) == 1 {
         near
     } else {
-        "disagree"
+        Level::Disagree
     }
 }
 
-fn street_level(a: &str, b: &str) -> &'static str {
+fn street_level(a: &str, b: &str) -> Level {
     if a == b {
-        return "exact";
+        return Level::Exact;
     }
     let jw = jaro_winkler(a, b);
     if jw >= 0.93 {
-        return "close";
+        return Level::Close;
     }
     let ta: Vec<&str> = a.split(' ').collect();
     let shared = b.split(' ').filter(|w| ta.contains(w)).count();
     if jw >= 0.85 || shared * 2 >= ta.len().max(b.split(' ').count()) {
-        "similar"
+        Level::Similar
     } else {
-        "disagree"
+        Level::Disagree
     }
 }
 
@@ -482,65 +529,96 @@ pub fn score_at_least(
 /// The levels of the fields other than the names, and their weights' sum with the address cap
 /// applied: all of a score but the names.
 struct Others {
-    levels: [Option<&'static str>; 7],
+    levels: [Option<Level>; 7],
     total: f64,
     /// What the address cap takes off (zero or less), included in `total`.
     address_cap: f64,
 }
 
 /// The fields `Others` holds, in `score`'s order: all but the two names.
-const OTHER_FIELDS: &[&str] = FIELDS.split_at(2).1;
-const _: () = assert!(
-    OTHER_FIELDS.len() == 7,
-    "Others::levels holds one level per field"
-);
+const OTHER_FIELDS: [Field; 7] = [
+    Field::BirthDate,
+    Field::Gender,
+    Field::Postcode,
+    Field::Street,
+    Field::City,
+    Field::Phone,
+    Field::SharedId,
+];
 
-/// The fields besides the names, or `None` when their weights cannot reach `need`: the city is
-/// compared (Jaro–Winkler) only if, at its best, it could lift the rest that far.
+/// The fields besides the names, or `None` when their weights cannot reach `need`. The cheap
+/// fields (dates, gender, phone, national id) are compared first; the address fields — edit
+/// distance and Jaro–Winkler — only while, at their best, they could still lift the sum that
+/// far: most candidates a blocking key brings are other people, settled by the cheap fields.
 fn others(a: &Demographics, b: &Demographics, w: &Weights, need: f64) -> Option<Others> {
+    const POSTCODE: usize = 2;
+    const STREET: usize = 3;
     const CITY: usize = 4;
     let shared = a.shared_ids.iter().find_map(|(sys, va)| {
         b.shared_ids
             .iter()
             .find(|(s, _)| s == sys)
             .map(|(_, vb)| match edits(va, vb) {
-                0 => "exact",
-                1 => "typo",
-                2 if va.len() >= 6 => "similar",
-                _ => "disagree",
+                0 => Level::Exact,
+                1 => Level::Typo,
+                2 if va.len() >= 6 => Level::Similar,
+                _ => Level::Disagree,
             })
     });
     let mut levels = [
         both(&a.birth_date, &b.birth_date).map(|(x, y)| date_level(x, y)),
-        both(&a.gender, &b.gender).map(|(x, y)| if x == y { "agree" } else { "disagree" }),
-        both(&a.postcode, &b.postcode).map(|(x, y)| edit_level(x, y, "close")),
-        both(&a.street, &b.street).map(|(x, y)| street_level(x, y)),
+        both(&a.gender, &b.gender).map(|(x, y)| {
+            if x == y {
+                Level::Agree
+            } else {
+                Level::Disagree
+            }
+        }),
         None,
-        both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, "close")),
+        None,
+        None,
+        both(&a.phone, &b.phone).map(|(x, y)| edit_level(x, y, Level::Close)),
         shared,
     ];
     let mut weights = [0.0; 7];
     for (i, l) in levels.iter().enumerate() {
-        weights[i] = l.map_or(0.0, |l| w.weight(OTHER_FIELDS[i], l));
+        weights[i] = l.map_or(0.0, |l| w.at(OTHER_FIELDS[i], l));
     }
     // Street, postcode and city are not independent evidence: together they count at most as
     // much as an exact street and a bit more.
     let address_cap = |weights: &[f64; 7]| -> f64 {
-        let address: f64 = weights[2..=CITY].iter().map(|x| x.max(0.0)).sum();
+        let address: f64 = weights[POSTCODE..=CITY].iter().map(|x| x.max(0.0)).sum();
         (w.address_cap() - address).min(0.0)
     };
     let total = |weights: &[f64; 7]| weights.iter().sum::<f64>() + address_cap(weights);
-    if let Some((x, y)) = both(&a.city, &b.city) {
-        // The sum only grows with the city's weight, so the best city bounds it.
-        let mut best = weights;
-        // `FIELDS` is the two names, then `OTHER_FIELDS`.
-        best[CITY] = w.best[CITY + 2];
-        if total(&best) + 1e-9 < need {
-            return None;
+    /// A field's place, both sides' values, and how they compare.
+    type Compared<'a> = (usize, Option<(&'a str, &'a str)>, fn(&str, &str) -> Level);
+    let address: [Compared; 3] = [
+        (POSTCODE, both(&a.postcode, &b.postcode), |x, y| {
+            edit_level(x, y, Level::Close)
+        }),
+        (STREET, both(&a.street, &b.street), street_level),
+        (CITY, both(&a.city, &b.city), |x, y| {
+            string_level(x, y, false)
+        }),
+    ];
+    // Until compared, an address field held on both sides counts at its best: the sum only
+    // grows with each weight (the cap takes back at most what a weight adds), so it bounds the
+    // final sum. `FIELDS` is the two names, then `OTHER_FIELDS`.
+    for (i, pair, _) in &address {
+        if pair.is_some() {
+            weights[*i] = w.best[i + 2];
         }
-        let level = string_level(x, y, false);
-        levels[CITY] = Some(level);
-        weights[CITY] = w.weight("city", level);
+    }
+    for (i, pair, compare) in address {
+        if let Some((x, y)) = pair {
+            if total(&weights) + 1e-9 < need {
+                return None;
+            }
+            let level = compare(x, y);
+            levels[i] = Some(level);
+            weights[i] = w.at(OTHER_FIELDS[i], level);
+        }
     }
     Some(Others {
         levels,
@@ -552,15 +630,13 @@ fn others(a: &Demographics, b: &Demographics, w: &Weights, need: f64) -> Option<
 fn finish(a: &Demographics, b: &Demographics, w: &Weights, rest: &Others) -> Score {
     let mut fields = Vec::with_capacity(10);
     let mut levels = Levels::default();
-    let mut push = |field: &'static str, level: Option<&'static str>| {
+    let mut push = |field: Field, level: Option<Level>| {
         if let Some(level) = level {
-            if let Some(i) = field_index(field) {
-                levels.0[i] = Some(level);
-            }
+            levels.0[field as usize] = Some(level);
             fields.push(FieldScore {
-                field: Cow::Borrowed(field),
-                level: Cow::Borrowed(level),
-                weight: w.weight(field, level),
+                field: Cow::Borrowed(field.name()),
+                level: Cow::Borrowed(level.name()),
+                weight: w.at(field, level),
             });
         }
     };
@@ -569,7 +645,7 @@ fn finish(a: &Demographics, b: &Demographics, w: &Weights, rest: &Others) -> Sco
     let mut family = both(&a.family, &b.family).map(|(x, y)| string_level(x, y, true));
     // Given and family names swapped on one side, one of them possibly mistyped: each name is
     // compared with the other side's other name, and counts a level lower than it would in place.
-    let unlike = |l: Option<&str>| matches!(l, Some("disagree") | Some("phonetic"));
+    let unlike = |l: Option<Level>| matches!(l, Some(Level::Disagree | Level::Phonetic));
     if unlike(given) && unlike(family) {
         let crossed = a
             .given
@@ -582,13 +658,13 @@ fn finish(a: &Demographics, b: &Demographics, w: &Weights, rest: &Others) -> Sco
                     .zip(b.given.as_deref())
                     .map(|(x, y)| string_level(x, y, false)),
             );
-        let lower = |l: &str| match l {
-            "exact" => Some("close"),
-            "close" | "similar" => Some("similar"),
+        let lower = |l: Level| match l {
+            Level::Exact => Some(Level::Close),
+            Level::Close | Level::Similar => Some(Level::Similar),
             _ => None,
         };
         if let Some((g, f)) = crossed {
-            if g == "exact" || f == "exact" {
+            if g == Level::Exact || f == Level::Exact {
                 if let (Some(g), Some(f)) = (lower(g), lower(f)) {
                     given = Some(g);
                     family = Some(f);
@@ -596,17 +672,18 @@ fn finish(a: &Demographics, b: &Demographics, w: &Weights, rest: &Others) -> Sco
             }
         }
     }
-    push("given", given);
-    push("family", family);
-    for (field, level) in OTHER_FIELDS.iter().zip(rest.levels) {
+    push(Field::Given, given);
+    push(Field::Family, family);
+    for (field, level) in OTHER_FIELDS.into_iter().zip(rest.levels) {
         push(field, level);
     }
 
     // Exact agreement on a common name weighs less (term-frequency adjustment).
-    for (field, value) in [("given", &a.given), ("family", &a.family)] {
-        if w.frequencies.is_empty() || levels.get(field) != Some("exact") {
+    for (field, value) in [(Field::Given, &a.given), (Field::Family, &a.family)] {
+        if w.frequencies.is_empty() || levels.get(field) != Some(Level::Exact) {
             continue;
         }
+        let field = field.name();
         if let (Some(value), Some(f)) = (value, fields.iter_mut().find(|f| f.field == field)) {
             f.weight = w.exact_weight(field, value);
         }
@@ -647,38 +724,39 @@ fn consecutive(a: &str, b: &str) -> bool {
 /// Looked up by position, not by scanning the breakdown's names: `hazards` asks a dozen times
 /// per pair.
 #[derive(Default)]
-struct Levels([Option<&'static str>; FIELDS.len()]);
+struct Levels([Option<Level>; FIELDS.len()]);
 
 impl Levels {
-    fn get(&self, field: &str) -> Option<&'static str> {
-        field_index(field).and_then(|i| self.0[i])
+    fn get(&self, field: Field) -> Option<Level> {
+        self.0[field as usize]
     }
 }
 
 /// Levels at which two values count as agreeing.
-fn agreeing(level: &str) -> bool {
+fn agreeing(level: Level) -> bool {
+    use Level::*;
     matches!(
         level,
-        "exact" | "nickname" | "close" | "similar" | "transposed" | "typo"
+        Exact | Nickname | Close | Similar | Transposed | Typo
     )
 }
 
 /// Levels at which a national id counts as corroborating (a two-edit id does not).
-fn id_agreeing(level: &str) -> bool {
-    matches!(level, "exact" | "typo")
+fn id_agreeing(level: Level) -> bool {
+    matches!(level, Level::Exact | Level::Typo)
 }
 
 fn hazards(a: &Demographics, b: &Demographics, levels: &Levels) -> Vec<Hazard> {
-    let level = |field: &str| levels.get(field);
-    let agrees = |field: &str| level(field).is_some_and(agreeing);
-    let shared = level("shared_id");
+    let level = |field: Field| levels.get(field);
+    let agrees = |field: Field| level(field).is_some_and(agreeing);
+    let shared = level(Field::SharedId);
     // A national id that matches exactly rules out twins and junior/senior. One that matches up
     // to a typo (a digit changed, two swapped) rules out junior/senior, and twins too unless
     // the two numbers are adjacent: twins registered together often get consecutive numbers,
     // but two different people's numbers one typo apart and not adjacent are one person's.
     let id_rules_out_twin = match shared {
-        Some("exact") => true,
-        Some("typo") | Some("similar") => a.shared_ids.iter().any(|(sys, va)| {
+        Some(Level::Exact) => true,
+        Some(Level::Typo) | Some(Level::Similar) => a.shared_ids.iter().any(|(sys, va)| {
             b.shared_ids
                 .iter()
                 .any(|(sb, vb)| sb == sys && edits(va, vb) <= 2 && !consecutive(va, vb))
@@ -686,16 +764,19 @@ fn hazards(a: &Demographics, b: &Demographics, levels: &Levels) -> Vec<Hazard> {
         _ => false,
     };
     let mut out = Vec::new();
-    let names_differ = matches!(level("given"), Some("disagree") | Some("phonetic"));
+    let names_differ = matches!(
+        level(Field::Given),
+        Some(Level::Disagree) | Some(Level::Phonetic)
+    );
     if names_differ
-        && agrees("family")
-        && level("birth_date") == Some("exact")
+        && agrees(Field::Family)
+        && level(Field::BirthDate) == Some(Level::Exact)
         && !id_rules_out_twin
     {
         out.push(Hazard::Twin);
     }
     let id_agrees = shared.is_some_and(id_agreeing);
-    if level("birth_date") == Some("disagree") && !id_agrees {
+    if level(Field::BirthDate) == Some(Level::Disagree) && !id_agrees {
         let year = |d: &Demographics| d.birth_year().and_then(|y| y.parse::<i32>().ok());
         if let (Some(ya), Some(yb)) = (year(a), year(b)) {
             if (ya - yb).abs() >= GENERATION_YEARS {
@@ -704,25 +785,33 @@ fn hazards(a: &Demographics, b: &Demographics, levels: &Levels) -> Vec<Hazard> {
         }
     }
     if names_differ
-        && matches!(level("birth_date"), Some("disagree") | Some("similar"))
+        && matches!(
+            level(Field::BirthDate),
+            Some(Level::Disagree) | Some(Level::Similar)
+        )
         && !id_agrees
     {
         out.push(Hazard::Sibling);
     }
-    if !["street", "postcode", "phone", "shared_id"]
-        .iter()
-        .any(|f| agrees(f))
+    if ![
+        Field::Street,
+        Field::Postcode,
+        Field::Phone,
+        Field::SharedId,
+    ]
+    .into_iter()
+    .any(agrees)
     {
         out.push(Hazard::Uncorroborated);
     }
     // Different national ids are only a hazard when the names or birth dates leave room for
     // another person: a different first name, or a birth date that is missing or more than a
     // typo (or swapped day and month) away.
-    if shared == Some("disagree")
+    if shared == Some(Level::Disagree)
         && (names_differ
             || !matches!(
-                level("birth_date"),
-                Some("exact") | Some("typo") | Some("transposed")
+                level(Field::BirthDate),
+                Some(Level::Exact) | Some(Level::Typo) | Some(Level::Transposed)
             ))
     {
         out.push(Hazard::SharedIdConflict);
@@ -832,11 +921,11 @@ mod tests {
 
     #[test]
     fn date_levels() {
-        assert_eq!(date_level("1980-02-03", "1980-02-03"), "exact");
-        assert_eq!(date_level("1980-02-03", "1980-03-02"), "transposed");
-        assert_eq!(date_level("1980-02-03", "1980-02-08"), "typo");
-        assert_eq!(date_level("1939-11-23", "1939-12-13"), "typo");
-        assert_eq!(date_level("1980-02-03", "1955-07-21"), "disagree");
+        assert_eq!(date_level("1980-02-03", "1980-02-03").name(), "exact");
+        assert_eq!(date_level("1980-02-03", "1980-03-02").name(), "transposed");
+        assert_eq!(date_level("1980-02-03", "1980-02-08").name(), "typo");
+        assert_eq!(date_level("1939-11-23", "1939-12-13").name(), "typo");
+        assert_eq!(date_level("1980-02-03", "1955-07-21").name(), "disagree");
     }
 
     #[test]
@@ -938,8 +1027,8 @@ mod tests {
 
     #[test]
     fn a_year_a_generation_apart_is_no_typo() {
-        assert_eq!(date_level("1950-05-05", "1980-05-05"), "disagree");
-        assert_eq!(date_level("1950-05-05", "1951-05-05"), "typo");
+        assert_eq!(date_level("1950-05-05", "1980-05-05").name(), "disagree");
+        assert_eq!(date_level("1950-05-05", "1951-05-05").name(), "typo");
         let w = Weights::defaults();
         let a = person("john", "smith", "1950-05-05", "4 main street", "12345");
         let b = person("john", "smith", "1980-05-05", "4 main street", "12345");
