@@ -363,29 +363,26 @@ pub fn update_blocking_keys(
     Ok(())
 }
 
-/// Blocking keys filed as text before key ids (migration `2026-11-25-000009`), while they
-/// wait to be moved.
-mod text_keys {
-    diesel::table! {
-        blocking_keys_text (key, source_id) {
-            key -> Text,
-            source_id -> BigInt,
-        }
-    }
-}
-
 /// Text keys read at a time by `rekey_blocking_keys`.
 pub const REKEY_PAGE: i64 = 50_000;
 
-/// Moves the blocking keys filed as text to their ids (`normalize::key_id`) and drops the
-/// text table, in one transaction, reading `page` keys at a time; run right after the
-/// migrations. Does nothing when there is no text table. Returns the number of keys moved.
+/// Moves the blocking keys filed as text before key ids (migration `2026-11-25-000009`, which
+/// renamed their table `blocking_keys_text`) to their ids (`normalize::key_id`) and drops the
+/// text table, in one transaction, reading `page` keys at a time along its primary key; run
+/// right after the migrations. Does nothing when there is no text table. Returns the number
+/// of keys moved.
 pub fn rekey_blocking_keys(conn: &mut DbConn, page: i64) -> Result<usize> {
-    use text_keys::blocking_keys_text as text;
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
         n: i64,
+    }
+    #[derive(QueryableByName)]
+    struct TextKey {
+        #[diesel(sql_type = Text)]
+        key: String,
+        #[diesel(sql_type = BigInt)]
+        source_id: i64,
     }
     let probe = if conn.is_sqlite() {
         "SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = 'blocking_keys_text'"
@@ -399,28 +396,37 @@ pub fn rekey_blocking_keys(conn: &mut DbConn, page: i64) -> Result<usize> {
     }
     conn.transaction(|c| {
         let mut moved = 0;
-        let mut after: Option<(String, i64)> = None;
+        // Past the last row read, by row value: both backends walk the primary key from there
+        // (an OR of the two columns made PostgreSQL scan from the start for every page).
+        let (mut key, mut source_id) = (String::new(), i64::MIN);
         loop {
-            let mut q = text::table
-                .select((text::key, text::source_id))
-                .order((text::key, text::source_id))
-                .limit(page)
-                .into_boxed();
-            if let Some((k, id)) = &after {
-                q = q.filter(
-                    text::key
-                        .gt(k.clone())
-                        .or(text::key.eq(k.clone()).and(text::source_id.gt(*id))),
-                );
-            }
-            let page: Vec<(String, i64)> = q.load(c)?;
-            let Some(last) = page.last().cloned() else {
+            let rows: Vec<TextKey> = match &mut *c {
+                DbConn::Sqlite(c) => diesel::sql_query(
+                    "SELECT key, source_id FROM blocking_keys_text \
+                     WHERE (key, source_id) > (?, ?) ORDER BY key, source_id LIMIT ?",
+                )
+                .bind::<Text, _>(&key)
+                .bind::<BigInt, _>(source_id)
+                .bind::<BigInt, _>(page)
+                .load(c)?,
+                DbConn::Postgresql(c) => diesel::sql_query(
+                    "SELECT key, source_id FROM blocking_keys_text \
+                     WHERE (key, source_id) > ($1, $2) ORDER BY key, source_id LIMIT $3",
+                )
+                .bind::<Text, _>(&key)
+                .bind::<BigInt, _>(source_id)
+                .bind::<BigInt, _>(page)
+                .load(c)?,
+            };
+            let Some(last) = rows.last() else {
                 break;
             };
-            let mut ids: Vec<(KeyId, i64)> = page.iter().map(|(k, id)| (key_id(k), *id)).collect();
+            (key, source_id) = (last.key.clone(), last.source_id);
+            let mut ids: Vec<(KeyId, i64)> =
+                rows.iter().map(|r| (key_id(&r.key), r.source_id)).collect();
             ids.sort_unstable();
             ids.dedup();
-            moved += page.len();
+            moved += rows.len();
             for chunk in ids.chunks(ROWS_PER_INSERT) {
                 let values: Vec<_> = chunk
                     .iter()
@@ -443,7 +449,6 @@ pub fn rekey_blocking_keys(conn: &mut DbConn, page: i64) -> Result<usize> {
                     }
                 }
             }
-            after = Some(last);
         }
         c.batch_execute("DROP TABLE blocking_keys_text")?;
         Ok(moved)
