@@ -228,6 +228,33 @@ async fn hospital_record_is_found_across_the_region(backend: Backend) {
     .await;
     assert_eq!(by_id["total"], 1);
 
+    // telecom: the number in any punctuation, with or without its system, alone or with
+    // other criteria (found through the phone's blocking key).
+    let mut with_phone = patient(
+        HOSP,
+        "H-300",
+        "Olga",
+        "Petrova",
+        "1961-03-03",
+        "3 Elm St",
+        "60601",
+        None,
+    );
+    with_phone["telecom"] = json!([{ "system": "phone", "value": "(907) 555-0199" }]);
+    let (status, _, _) = put(&r.hospital, &r.ex, HOSP, "H-300", &with_phone).await;
+    assert_eq!(status, 201);
+    for (query, total) in [
+        ("Patient?telecom=907-555-0199", 1),
+        ("Patient?telecom=phone|9075550199", 1),
+        ("Patient?telecom=9075550199&family=petrova", 1),
+        ("Patient?telecom=9075550199&family=john", 0),
+        ("Patient?telecom=9075550100", 0),
+    ] {
+        let (status, found) = get(&r.hospital, &r.ex.url(query), "TREAT").await;
+        assert_eq!(status, 200, "{query}: {found}");
+        assert_eq!(found["total"], total, "{query}: {found}");
+    }
+
     // Paging: three Garcias, two per page, the next link gives the third.
     for (i, given) in ["Ana", "Luis", "Marta"].iter().enumerate() {
         let mrn = format!("H-G{i}");

@@ -487,6 +487,14 @@ pub fn candidates(
     Ok(rows)
 }
 
+/// Every record filed under `key`, however many.
+pub fn filed_under(conn: &mut DbConn, key: KeyId) -> Result<Vec<i64>> {
+    Ok(blocking_keys::table
+        .filter(blocking_keys::key.eq(key))
+        .select(blocking_keys::source_id)
+        .load(conn)?)
+}
+
 /// Buckets holding more records than this are crowded.
 pub const CROWDED: usize = 32;
 

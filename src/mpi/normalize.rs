@@ -312,7 +312,7 @@ impl Demographics {
             });
         }
         if let Some(ph) = &self.phone {
-            keys.push(format!("ph:{ph}"));
+            keys.push(phone_key_text(ph));
         }
         for (system, value) in &self.shared_ids {
             keys.push(format!("id:{system}|{value}"));
@@ -330,6 +330,15 @@ impl Demographics {
 /// only bring one more candidate to be scored, never a link. FNV-1a is fixed by its
 /// definition, so stored keys stay valid across versions and platforms.
 pub type KeyId = i64;
+
+/// The blocking key of a normalised phone number (PDQm's `telecom` search finds records by it).
+pub fn phone_key(phone: &str) -> KeyId {
+    key_id(&phone_key_text(phone))
+}
+
+fn phone_key_text(phone: &str) -> String {
+    format!("ph:{phone}")
+}
 
 pub fn key_id(key: &str) -> KeyId {
     use std::hash::Hasher;

@@ -1,0 +1,1 @@
+CREATE INDEX source_records_phone ON source_records(phone);
