@@ -708,6 +708,16 @@ pub struct PdqCriteria {
     pub hidden_from: Option<HiddenFrom>,
 }
 
+impl PdqCriteria {
+    /// Restricts the search to `ids` (and to the records it was restricted to before).
+    pub fn narrow_to(&mut self, ids: Vec<i64>) {
+        self.source_ids = Some(match self.source_ids.take() {
+            Some(prev) => prev.into_iter().filter(|x| ids.contains(x)).collect(),
+            None => ids,
+        });
+    }
+}
+
 /// Consent, as PDQm applies it in SQL: people with an active directive that hides them from
 /// `org`, and (unless break-the-glass overrides it) people who opted out.
 #[derive(Debug, Clone, Default)]

@@ -336,20 +336,14 @@ pub async fn search(
                     .iter()
                     .map(|m| m.id)
                     .collect();
-                c.source_ids = Some(match c.source_ids.take() {
-                    Some(prev) => prev.into_iter().filter(|x| ids.contains(x)).collect(),
-                    None => ids,
-                });
+                c.narrow_to(ids);
             }
             // A phone number is found through its blocking key (every active record with a
             // phone is filed under it), not an index of its own; the query still compares the
             // number itself.
             if let Some(phone) = &c.phone {
                 let ids = crate::db::mpi::filed_under(conn, normalize::phone_key(phone))?;
-                c.source_ids = Some(match c.source_ids.take() {
-                    Some(prev) => prev.into_iter().filter(|x| ids.contains(x)).collect(),
-                    None => ids,
-                });
+                c.narrow_to(ids);
             }
             // Consent is applied to every match before counting and paging, so that totals and
             // pages say nothing about who was withheld: in SQL under the opt-out model ...
