@@ -218,8 +218,8 @@ const LEVELS: [&str; 9] = [
 ];
 
 /// A field `score` compares: its place in `FIELDS` and `Weights::grid`. Scoring names fields
-/// and levels by position, not by string: a string compare per field per candidate was a tenth
-/// of a bulk load's matching.
+/// and levels by position, so its comparisons and weight lookups are integer ones; the names
+/// are for the stored breakdown and the weights file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Field {
     Given,
@@ -917,6 +917,26 @@ mod tests {
         assert_eq!(edits("123456789", "234567891"), 2);
         assert_eq!(edits("12345", "67890"), 3);
         assert_eq!(edits("1", "12345"), 3);
+    }
+
+    #[test]
+    fn fields_and_levels_name_their_places() {
+        use Field::*;
+        let fields = [
+            Given, Family, BirthDate, Gender, Postcode, Street, City, Phone, SharedId,
+        ];
+        assert_eq!(fields.len(), FIELDS.len());
+        for f in fields {
+            assert_eq!(field_index(f.name()), Some(f as usize));
+        }
+        use Level::*;
+        let levels = [
+            Exact, Nickname, Close, Similar, Phonetic, Transposed, Typo, Agree, Disagree,
+        ];
+        assert_eq!(levels.len(), LEVELS.len());
+        for l in levels {
+            assert_eq!(level_index(l.name()), Some(l as usize));
+        }
     }
 
     #[test]
