@@ -390,11 +390,19 @@ pub fn rekey_blocking_keys(conn: &mut DbConn, page: i64) -> Result<usize> {
         "SELECT count(*) AS n FROM information_schema.tables \
          WHERE table_name = 'blocking_keys_text' AND table_schema = current_schema()"
     };
-    let found: Count = diesel::sql_query(probe).get_result(conn)?;
-    if found.n == 0 {
+    let pending = |c: &mut DbConn| -> Result<bool> {
+        let found: Count = diesel::sql_query(probe).get_result(c)?;
+        Ok(found.n > 0)
+    };
+    if !pending(conn)? {
         return Ok(0);
     }
-    conn.transaction(|c| {
+    // Holding the write lock from the start, and looking again: another process starting at
+    // the same time (`hie serve` and `hie import` on one SQLite file) may have moved them.
+    super::write_tx(conn, |c| {
+        if !pending(c)? {
+            return Ok(0);
+        }
         let mut moved = 0;
         // Past the last row read, by row value: both backends walk the primary key from there
         // (an OR of the two columns made PostgreSQL scan from the start for every page).
