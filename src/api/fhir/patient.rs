@@ -16,6 +16,9 @@ use crate::error::{Error, Result};
 use crate::mpi::{self, normalize, person_ref, source_ref, FeedRequest, Person};
 use crate::orgs::OrgType;
 
+/// Records sharing one phone number that a PDQm `telecom` search narrows to by id.
+const PHONE_IDS_MAX: usize = 5_000;
+
 /// Under the opt-in model PDQm considers at most this many matching people (consent is applied
 /// to each of them before paging); a search that matches more should be narrowed.
 const PDQ_POLICY_WINDOW: i64 = 1000;
@@ -340,10 +343,13 @@ pub async fn search(
             }
             // A phone number is found through its blocking key (every active record with a
             // phone is filed under it), not an index of its own; the query still compares the
-            // number itself.
+            // number itself. A number on thousands of records (a practice's switchboard) is
+            // left to that comparison alone: slower, but no list of ids too long to bind.
             if let Some(phone) = &c.phone {
                 let ids = crate::db::mpi::filed_under(conn, normalize::phone_key(phone))?;
-                c.narrow_to(ids);
+                if ids.len() <= PHONE_IDS_MAX {
+                    c.narrow_to(ids);
+                }
             }
             // Consent is applied to every match before counting and paging, so that totals and
             // pages say nothing about who was withheld: in SQL under the opt-out model ...
