@@ -495,11 +495,12 @@ pub fn candidates(
     Ok(rows)
 }
 
-/// Every record filed under `key`, however many.
-pub fn filed_under(conn: &mut DbConn, key: KeyId) -> Result<Vec<i64>> {
+/// Records filed under `key`, at most `limit`.
+pub fn filed_under(conn: &mut DbConn, key: KeyId, limit: i64) -> Result<Vec<i64>> {
     Ok(blocking_keys::table
         .filter(blocking_keys::key.eq(key))
         .select(blocking_keys::source_id)
+        .limit(limit)
         .load(conn)?)
 }
 

@@ -17,7 +17,7 @@ use crate::mpi::{self, normalize, person_ref, source_ref, FeedRequest, Person};
 use crate::orgs::OrgType;
 
 /// Records sharing one phone number that a PDQm `telecom` search narrows to by id.
-const PHONE_IDS_MAX: usize = 5_000;
+const PHONE_IDS_MAX: i64 = 5_000;
 
 /// Under the opt-in model PDQm considers at most this many matching people (consent is applied
 /// to each of them before paging); a search that matches more should be narrowed.
@@ -324,7 +324,7 @@ pub async fn search(
                 let Some(eid) = mpi::resolve_identifier(conn, &settings, s, v)? else {
                     return Ok((Vec::new(), 0, false));
                 };
-                c.source_ids = Some(
+                c.narrow_to(
                     crate::db::mpi::members(conn, eid)?
                         .iter()
                         .map(|m| m.id)
@@ -346,8 +346,9 @@ pub async fn search(
             // number itself. A number on thousands of records (a practice's switchboard) is
             // left to that comparison alone: slower, but no list of ids too long to bind.
             if let Some(phone) = &c.phone {
-                let ids = crate::db::mpi::filed_under(conn, normalize::phone_key(phone))?;
-                if ids.len() <= PHONE_IDS_MAX {
+                let key = normalize::phone_key(phone);
+                let ids = crate::db::mpi::filed_under(conn, key, PHONE_IDS_MAX + 1)?;
+                if ids.len() <= PHONE_IDS_MAX as usize {
                     c.narrow_to(ids);
                 }
             }
