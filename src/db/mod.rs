@@ -166,6 +166,26 @@ type Completion = Box<dyn FnOnce(Result<()>) + Send>;
 /// Runs one write inside the group's transaction and says how to answer its caller.
 type WriteJob = Box<dyn FnOnce(&mut DbConn) -> Completion + Send>;
 
+/// Queues a job for the SQLite writer without blocking the executor: at once when its queue
+/// has room (nearly always), otherwise from a blocking thread, whose handle is returned. A job
+/// the stopped writer cannot take is dropped with its answer channel, so its caller hears
+/// "the database writer has stopped". (Always going through a blocking thread cost each write
+/// a thread hand-off.)
+fn queue_job(
+    writer: &std::sync::mpsc::SyncSender<WriteJob>,
+    job: WriteJob,
+) -> Option<tokio::task::JoinHandle<()>> {
+    match writer.try_send(job) {
+        Err(std::sync::mpsc::TrySendError::Full(job)) => {
+            let writer = writer.clone();
+            Some(tokio::task::spawn_blocking(move || {
+                let _ = writer.send(job);
+            }))
+        }
+        Ok(()) | Err(std::sync::mpsc::TrySendError::Disconnected(_)) => None,
+    }
+}
+
 /// The SQLite writer: takes every queued write, runs each in its own savepoint inside one
 /// transaction, commits once, then answers each caller. A failing write rolls back only its
 /// savepoint; nobody is answered before the commit, so nothing is reported written that is not.
@@ -301,11 +321,11 @@ impl Db {
                 let _ = answer.send(committed.and(outcome));
             })
         });
-        let writer = writer.clone();
-        tokio::task::spawn_blocking(move || writer.send(job))
-            .await
-            .map_err(|e| Error::internal(format!("database task failed: {e}")))?
-            .map_err(|_| Error::unavailable("the database writer has stopped"))?;
+        if let Some(queued) = queue_job(writer, job) {
+            queued
+                .await
+                .map_err(|e| Error::internal(format!("database task failed: {e}")))?;
+        }
         wait.await
             .map_err(|_| Error::unavailable("the database writer has stopped"))?
     }
@@ -331,12 +351,9 @@ impl Db {
                     let _ = answer.send(conn.transaction(f));
                     Box::new(|_| {})
                 });
-                if let Err(std::sync::mpsc::TrySendError::Full(job)) = writer.try_send(job) {
-                    // A full queue: wait for room off the executor (the read then runs a
-                    // little later, which costs time, not correctness).
-                    let writer = writer.clone();
-                    tokio::task::spawn_blocking(move || writer.send(job));
-                }
+                // A full queue: the read runs a little later, which costs time, not
+                // correctness.
+                let _ = queue_job(writer, job);
             }
             None => {
                 let db = self.clone();
