@@ -27,10 +27,21 @@ struct Inner {
     audit_records: Counter,
     audit_batches: Counter,
     audit_failures: Counter,
+    feed_records: Counter,
+    feed_batches: Counter,
+    feed_rematched: Counter,
+    feed_split: Counter,
 }
 
 #[derive(Clone)]
 pub struct Metrics(Arc<Inner>);
+
+/// A counter registered under `name` (the registry adds the `hie_` prefix and `_total`).
+fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
+    let c = Counter::default();
+    registry.register(name, help, c.clone());
+    c
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -65,29 +76,41 @@ impl Metrics {
             "Requests refused after the handshake (unknown certificate, suspended member, revoked), by reason",
             access_denied.clone(),
         );
-        let rate_limited = Counter::default();
-        registry.register(
-            "rate_limited",
-            "Requests refused with 429",
-            rate_limited.clone(),
-        );
-        let audit_records = Counter::default();
-        registry.register(
+        let rate_limited = counter(&mut registry, "rate_limited", "Requests refused with 429");
+        let audit_records = counter(
+            &mut registry,
             "audit_records",
             "Audit records committed by the group-commit writer",
-            audit_records.clone(),
         );
-        let audit_batches = Counter::default();
-        registry.register(
+        let audit_batches = counter(
+            &mut registry,
             "audit_batches",
             "Transactions used by the group-commit writer",
-            audit_batches.clone(),
         );
-        let audit_failures = Counter::default();
-        registry.register(
+        let audit_failures = counter(
+            &mut registry,
             "audit_failures",
             "Audit records that could not be written",
-            audit_failures.clone(),
+        );
+        let feed_records = counter(
+            &mut registry,
+            "mpi_feed_records",
+            "Patients received by the identity feed (ITI-104 PUTs), counted as their batch is written",
+        );
+        let feed_batches = counter(
+            &mut registry,
+            "mpi_feed_batches",
+            "Batches the identity feed matched and wrote together, one transaction each (records / batches is the mean batch size)",
+        );
+        let feed_rematched = counter(
+            &mut registry,
+            "mpi_feed_rematched_batches",
+            "Feed batches matched again as they were written, because the database changed after they were matched (another process's writes, an operator's link change)",
+        );
+        let feed_split = counter(
+            &mut registry,
+            "mpi_feed_split_batches",
+            "Feed batches that could not be matched or written as a whole, whose requests were then fed one by one",
         );
         Metrics(Arc::new(Inner {
             registry,
@@ -99,6 +122,10 @@ impl Metrics {
             audit_records,
             audit_batches,
             audit_failures,
+            feed_records,
+            feed_batches,
+            feed_rematched,
+            feed_split,
         }))
     }
 
@@ -141,6 +168,19 @@ impl Metrics {
 
     pub fn audit_failed(&self, records: usize) {
         self.0.audit_failures.inc_by(records as u64);
+    }
+
+    /// One identity-feed batch of `records` requests done; `rematched`: matched again as
+    /// written; `split`: not matched or written as a whole, its requests fed one by one.
+    pub fn feed_batch(&self, records: usize, rematched: bool, split: bool) {
+        self.0.feed_records.inc_by(records as u64);
+        self.0.feed_batches.inc();
+        if rematched {
+            self.0.feed_rematched.inc();
+        }
+        if split {
+            self.0.feed_split.inc();
+        }
     }
 
     pub fn render(&self) -> String {

@@ -91,8 +91,8 @@ pub async fn serve(config: Config) -> Result<()> {
         trust: Arc::clone(&trust),
         limits: Arc::clone(&limits),
         identities: IdentityCache::new(Duration::from_millis(config.server.identity_cache_ms)),
+        feeds: crate::mpi::queue::FeedQueue::start(db.clone(), Arc::clone(&mpi), metrics.clone()),
         metrics,
-        feeds: crate::mpi::queue::FeedQueue::start(db.clone(), Arc::clone(&mpi)),
         mpi,
         federation: Arc::new(crate::federation::Federation::new(
             config.federation.clone(),

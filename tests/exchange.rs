@@ -423,13 +423,25 @@ on_both_backends!(audit_chain_holds_under_concurrency_and_exposes_tampering);
 
 async fn operator_health_metrics_and_graceful_shutdown(backend: Backend) {
     let mut ex = Exchange::start(&backend);
-    let client = ex.client(&ex.enroll("general-hospital", "hospital", &[]));
+    let client = ex.client(&ex.enroll(
+        "general-hospital",
+        "hospital",
+        &["--identifier-system", "urn:oid:1.2.3"],
+    ));
     assert_eq!(
         get(&client, &ex.url("Organization"), Some("TREAT"))
             .await
             .status(),
         200
     );
+    let fed = client
+        .put(ex.url("Patient?identifier=urn:oid:1.2.3|1"))
+        .header("X-Purpose-Of-Use", "TREAT")
+        .body(r#"{"resourceType":"Patient","identifier":[{"system":"urn:oid:1.2.3","value":"1"}],"name":[{"family":"Okafor","given":["Ada"]}],"birthDate":"1980-02-03","gender":"female"}"#)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(fed.status(), 201);
     let _ = ex
         .client_without_cert()
         .get(ex.url("metadata"))
@@ -462,6 +474,15 @@ async fn operator_health_metrics_and_graceful_shutdown(backend: Backend) {
         "{metrics}"
     );
     assert!(metrics.contains("hie_audit_records_total"), "{metrics}");
+    // The identity feed: one record in one batch, nothing matched again or split.
+    for line in [
+        "hie_mpi_feed_records_total 1",
+        "hie_mpi_feed_batches_total 1",
+        "hie_mpi_feed_rematched_batches_total 0",
+        "hie_mpi_feed_split_batches_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
 
     // In-flight requests finish on SIGTERM and the audit trail is flushed.
     let mut inflight = Vec::new();

@@ -19,6 +19,7 @@ use crate::audit::Actor;
 use crate::db::mpi::{self as store, SourceRow};
 use crate::db::{self, Db, DbConn};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::orgs::Organization;
 
 /// Requests fed in one transaction at most.
@@ -42,9 +43,9 @@ pub struct FeedQueue {
 }
 
 impl FeedQueue {
-    pub fn start(db: Db, settings: Arc<MpiSettings>) -> FeedQueue {
+    pub fn start(db: Db, settings: Arc<MpiSettings>, metrics: Metrics) -> FeedQueue {
         let (tx, rx) = mpsc::channel(MAX_BATCH * 16);
-        tokio::spawn(run(db, settings, rx));
+        tokio::spawn(run(db, settings, metrics, rx));
         FeedQueue { tx }
     }
 
@@ -86,6 +87,7 @@ struct Work {
 async fn run(
     db: Db,
     settings: Arc<MpiSettings>,
+    metrics: Metrics,
     mut rx: mpsc::Receiver<(Job, oneshot::Sender<Answer>)>,
 ) {
     let pipe = Arc::new(Pipeline::new(db.writes()));
@@ -96,6 +98,7 @@ async fn run(
         db.clone(),
         Arc::clone(&settings),
         Arc::clone(&pipe),
+        metrics,
         from_matcher,
     ));
     // The batch matched last, held until the next batch's reads are queued ahead of its write
@@ -259,6 +262,7 @@ async fn write_loop(
     db: Db,
     settings: Arc<MpiSettings>,
     pipe: Arc<Pipeline>,
+    metrics: Metrics,
     mut rx: mpsc::Receiver<Work>,
 ) {
     let mut written = Written::default();
@@ -282,6 +286,11 @@ async fn write_loop(
         };
         match outcome {
             Ok((results, w)) => {
+                metrics.feed_batch(
+                    results.len(),
+                    w.matched_again() > written.matched_again(),
+                    false,
+                );
                 written = w;
                 for (answer, r) in answers.into_iter().zip(results) {
                     let _ = answer.send(r);
@@ -291,6 +300,7 @@ async fn write_loop(
             // and on PostgreSQL a conflict with another writer (a deadlock, a unique violation
             // raised once the other committed) goes through the second time.
             Err(_) => {
+                metrics.feed_batch(jobs.len(), false, true);
                 for (job, answer) in jobs.into_iter().zip(answers) {
                     let s = Arc::clone(&settings);
                     let r = db.write(move |c| feed_alone(c, &s, &job)).await;
