@@ -74,7 +74,7 @@ fn main() {
         std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"\"\n[database]\nurl = \"{db_url}\"\npool_size = 8\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"{db_url}\"\npool_size = 8\n\
              [certs]\ndir = \"{}\"\n[rate_limit]\nrequests_per_second = 1000000\nburst = 1000000\nemergency_requests_per_second = 1000000\nemergency_burst = 1000000\n[log]\nfilter = \"warn\"\n",
             certs.display()
         ),
@@ -188,6 +188,20 @@ fn main() {
             break;
         }
     }
+    // The admin listener (its /metrics count the feed's batches), when the config has one
+    // (directories kept by earlier versions of this bench do not).
+    let has_admin = std::fs::read_to_string(&config)
+        .map(|c| c.contains("[admin]\nlisten = \"127.0.0.1:0\""))
+        .unwrap_or(false);
+    let mut admin = None;
+    if has_admin {
+        for line in lines.by_ref().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("hie: admin listening on ") {
+                admin = rest.split(' ').next().map(str::to_string);
+                break;
+            }
+        }
+    }
     std::thread::spawn(move || for _ in lines {});
     let child = KillOnDrop(child);
     let base = format!("https://localhost:{port}/fhir");
@@ -238,6 +252,21 @@ fn main() {
         }
         let secs = started.elapsed().as_secs_f64();
         println!("HTTP feed (PUT Patient, {clients} concurrent mTLS clients): {:.0} records/s ({http_n} records)", http_n as f64 / secs);
+        if let Some(admin) = &admin {
+            let text = reqwest::get(format!("{admin}/metrics")).await.expect("metrics").text().await.expect("metrics text");
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            let (records, batches) = (value("hie_mpi_feed_records_total"), value("hie_mpi_feed_batches_total"));
+            println!(
+                "  feed batches: {batches:.0}, {:.1} requests each on average; {:.0} matched again, {:.0} split",
+                records / batches.max(1.0),
+                value("hie_mpi_feed_rematched_batches_total"),
+                value("hie_mpi_feed_split_batches_total")
+            );
+        }
 
         // $match and PDQm latency, one client, sequential, kept-alive.
         let er = client("county-er");
