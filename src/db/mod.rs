@@ -8,6 +8,7 @@ pub mod mpi;
 pub mod orgs;
 pub mod prepared;
 pub mod schema;
+mod wal_runs;
 
 use diesel::connection::SimpleConnection;
 use diesel::r2d2::{self, ManageConnection};
@@ -97,6 +98,7 @@ impl ManageConnection for Manager {
     fn connect(&self) -> Result<DbConn, r2d2::Error> {
         match &self.url {
             DbUrl::Sqlite(path) => {
+                wal_runs::install();
                 let mut c = SqliteConnection::establish(&path.to_string_lossy())
                     .map_err(r2d2::Error::ConnectionError)?;
                 // busy_timeout first, so concurrent openers wait instead of failing with "locked".
