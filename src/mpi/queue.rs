@@ -222,21 +222,35 @@ impl Matching<'_> {
         subs: Vec<Submission>,
         after_others: bool,
     ) -> Result<Matched> {
-        let (s, o) = (Arc::clone(self.settings), org.clone());
-        let flush = on_matcher(self.matcher, |m| m.needs_flush()).await?;
-        // After a group that changes more than it adds, the rest of the batch cannot be
-        // matched before it is written: it is matched as it is written.
-        if flush && after_others {
-            return on_matcher(self.matcher, move |m| m.unmatched(&s, &o, subs)).await;
-        }
-        if flush {
-            // The held batch must be written before this one is read (`begin` waits for it).
-            self.send_held().await?;
-        }
-        let p = Arc::clone(self.pipe);
-        let read = on_matcher(self.matcher, move |m| m.begin(&s, &o, subs, Some(&p)))
-            .await??
-            .on_writer();
+        let (s, o, p) = (
+            Arc::clone(self.settings),
+            org.clone(),
+            Arc::clone(self.pipe),
+        );
+        // Nearly always nothing waits to be written first: one trip to the matcher begins.
+        let begun = on_matcher(self.matcher, move |m| match m.needs_flush() {
+            true => Err(subs),
+            false => Ok(m.begin(&s, &o, subs, Some(&p))),
+        })
+        .await?;
+        let read = match begun {
+            Ok(read) => read?.on_writer(),
+            Err(subs) => {
+                let (s, o) = (Arc::clone(self.settings), org.clone());
+                // After a group that changes more than it adds, the rest of the batch cannot be
+                // matched before it is written: it is matched as it is written.
+                if after_others {
+                    return on_matcher(self.matcher, move |m| m.unmatched(&s, &o, subs)).await;
+                }
+                // The held batch must be written before this one is read (`begin` waits for
+                // it).
+                self.send_held().await?;
+                let p = Arc::clone(self.pipe);
+                on_matcher(self.matcher, move |m| m.begin(&s, &o, subs, Some(&p)))
+                    .await??
+                    .on_writer()
+            }
+        };
         let (s, p) = (Arc::clone(self.settings), Arc::clone(self.pipe));
         let reading = self.db.read_on_writer(move |c| read.run(c, &s, Some(&p)));
         self.send_held().await?;
