@@ -475,24 +475,59 @@ pub fn candidates(
     exclude: Option<i64>,
     limit: i64,
 ) -> Result<Vec<CandidateRow>> {
-    let mut buckets: Vec<Vec<i64>> = Vec::with_capacity(keys.len());
-    for key in keys {
-        // One key at a time, newest first along the primary key, so a crowded key costs
-        // BUCKET_READ entries and no more.
-        let mut ids: Vec<i64> = blocking_keys::table
-            .filter(blocking_keys::key.eq(key))
-            .order(blocking_keys::source_id.desc())
-            .select(blocking_keys::source_id)
-            .limit(BUCKET_READ)
-            .load(conn)?;
+    let mut buckets = buckets(conn, keys)?;
+    for ids in &mut buckets {
         ids.retain(|id| Some(*id) != exclude);
-        buckets.push(ids);
     }
     let ids = rank_candidates(&buckets, usize::try_from(limit).unwrap_or(usize::MAX));
     // What matching reads of a candidate, not the whole row (its Patient resource is most of it).
     let mut rows = matchable(conn, &ids)?;
     rows.sort_by_key(|r| ids.iter().position(|id| *id == r.0));
     Ok(rows)
+}
+
+/// Per key, the records filed under it, newest first, at most `BUCKET_READ`: each key walked
+/// along the primary key, so a crowded key costs BUCKET_READ entries and no more.
+fn buckets(conn: &mut DbConn, keys: &[KeyId]) -> Result<Vec<Vec<i64>>> {
+    if let DbConn::Postgresql(pg) = conn {
+        // All keys in one round trip (a `$match` has ten).
+        #[derive(QueryableByName)]
+        struct Filed {
+            #[diesel(sql_type = BigInt)]
+            key: i64,
+            #[diesel(sql_type = BigInt)]
+            source_id: i64,
+        }
+        let rows: Vec<Filed> = prepared::sql(
+            "SELECT k.key, b.source_id FROM unnest(?) AS k(key) CROSS JOIN LATERAL \
+             (SELECT source_id FROM blocking_keys WHERE key = k.key \
+              ORDER BY source_id DESC LIMIT ?) AS b",
+        )
+        .bind::<diesel::sql_types::Array<BigInt>, _>(keys)
+        .bind::<BigInt, _>(BUCKET_READ)
+        .load(pg)?;
+        let mut filed: HashMap<KeyId, Vec<i64>> = HashMap::new();
+        for r in rows {
+            filed.entry(r.key).or_default().push(r.source_id);
+        }
+        for ids in filed.values_mut() {
+            ids.sort_unstable_by(|a, b| b.cmp(a));
+        }
+        return Ok(keys
+            .iter()
+            .map(|k| filed.get(k).cloned().unwrap_or_default())
+            .collect());
+    }
+    keys.iter()
+        .map(|key| {
+            Ok(blocking_keys::table
+                .filter(blocking_keys::key.eq(key))
+                .order(blocking_keys::source_id.desc())
+                .select(blocking_keys::source_id)
+                .limit(BUCKET_READ)
+                .load(conn)?)
+        })
+        .collect()
 }
 
 /// Records filed under `key`, at most `limit`.
