@@ -1039,6 +1039,8 @@ struct StoredRecord {
     eid: i64,
     #[diesel(sql_type = diesel::sql_types::Text)]
     status: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    golden: String,
 }
 
 #[derive(diesel::QueryableByName)]
@@ -1050,17 +1052,19 @@ struct Counted {
 }
 
 /// The MPI as sets of records grouped by person (ids are not compared: only who is with whom),
-/// each record's status, and the review queue by kind.
+/// each record's status, the review queue by kind, and each person's golden record.
 type Grouping = (
     std::collections::BTreeSet<Vec<String>>,
     Vec<(String, String)>,
     Vec<(String, i64)>,
+    std::collections::BTreeMap<Vec<String>, String>,
 );
 
 fn grouping(ex: &Exchange) -> Grouping {
     use diesel::{Connection, RunQueryDsl};
     let records_sql =
-        "SELECT system || '|' || value AS id, enterprise_id AS eid, status FROM source_records";
+        "SELECT r.system || '|' || r.value AS id, r.enterprise_id AS eid, r.status, i.golden \
+         FROM source_records r JOIN identities i ON i.id = r.enterprise_id";
     let reviews_sql = "SELECT kind, COUNT(*) AS n FROM match_reviews GROUP BY kind ORDER BY kind";
     let (records, reviews): (Vec<StoredRecord>, Vec<Counted>) =
         match ex.db_url.strip_prefix("sqlite://") {
@@ -1087,24 +1091,27 @@ fn grouping(ex: &Exchange) -> Grouping {
                 )
             }
         };
-    let mut people: std::collections::BTreeMap<i64, Vec<String>> = Default::default();
+    let mut people: std::collections::BTreeMap<i64, (Vec<String>, String)> = Default::default();
     let mut statuses = Vec::new();
     for r in records {
-        people.entry(r.eid).or_default().push(r.id.clone());
+        let person = people.entry(r.eid).or_default();
+        person.0.push(r.id.clone());
+        person.1 = r.golden;
         statuses.push((r.id, r.status));
     }
     statuses.sort();
-    let groups = people
+    let goldens: std::collections::BTreeMap<Vec<String>, String> = people
         .into_values()
-        .map(|mut g| {
+        .map(|(mut g, golden)| {
             g.sort();
-            g
+            (g, golden)
         })
         .collect();
     (
-        groups,
+        goldens.keys().cloned().collect(),
         statuses,
         reviews.into_iter().map(|c| (c.kind, c.n)).collect(),
+        goldens,
     )
 }
 
@@ -1243,6 +1250,7 @@ async fn bulk_import_decides_as_the_online_feed_does(backend: Backend) {
     assert_eq!(a.1, b.1, "record statuses differ");
     assert_eq!(a.0, b.0, "records are grouped into people differently");
     assert_eq!(a.2, b.2, "review queues differ");
+    assert_eq!(a.3, b.3, "golden records differ");
     // The hazards stayed apart, the duplicates were found.
     let together = |x: &str, y: &str| {
         a.0.iter()
@@ -1323,7 +1331,7 @@ async fn concurrent_feeds_are_answered_one_by_one(backend: Backend) {
     }
     assert_eq!(refused.0, 403, "{}", refused.1);
     assert!(again.0 == 200 || again.0 == 201, "{} {}", again.0, again.1);
-    let (g, _, _) = grouping(&r.ex);
+    let (g, ..) = grouping(&r.ex);
     let records: usize = g.iter().map(Vec::len).sum();
     assert_eq!(records, 24, "{g:?}");
     assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));

@@ -1315,12 +1315,13 @@ fn rebuild_joined(conn: &mut DbConn, eids: &[i64], now: i64) -> Result<()> {
                 .then(b.updated_at.cmp(&a.updated_at))
                 .then(b.id.cmp(&a.id))
         });
+        let mut goldens = Vec::new();
         for group in members.chunk_by(|a, b| a.enterprise_id == b.enterprise_id) {
             let resources: Vec<Value> = group
                 .iter()
                 .filter_map(|m| serde_json::from_str(&m.resource).ok())
                 .collect();
-            store::set_golden(conn, group[0].enterprise_id, &golden(&resources), now)?;
+            goldens.push((group[0].enterprise_id, golden(&resources)));
             if let Some(hides) = group
                 .iter()
                 .map(|m| m.consent_hides.as_str())
@@ -1329,6 +1330,7 @@ fn rebuild_joined(conn: &mut DbConn, eids: &[i64], now: i64) -> Result<()> {
                 crate::db::consent::set_hides(conn, group[0].enterprise_id, hides)?;
             }
         }
+        store::set_goldens(conn, &goldens, now)?;
     }
     Ok(())
 }
