@@ -161,18 +161,15 @@ pub fn get_identities(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<IdentityRow>
 }
 
 pub fn set_golden(conn: &mut DbConn, id: i64, golden: &str, now: i64) -> Result<()> {
-    diesel::update(identities::table.find(id))
-        .set((
-            identities::golden.eq(golden),
-            identities::updated_at.eq(now),
-        ))
-        .execute(conn)?;
-    Ok(())
+    set_goldens(conn, &[(id, golden.to_owned())], now)
 }
 
 /// `set_golden` for many identities: on PostgreSQL one statement (a round trip each was most
 /// of a linking load's time there), on SQLite one statement kept prepared.
 pub fn set_goldens(conn: &mut DbConn, goldens: &[(i64, String)], now: i64) -> Result<()> {
+    if goldens.is_empty() {
+        return Ok(());
+    }
     match conn {
         DbConn::Postgresql(pg) => {
             let (ids, texts): (Vec<i64>, Vec<&str>) =
