@@ -279,14 +279,14 @@ fn stored_keys(row: &SourceRow) -> Vec<KeyId> {
 fn content(patient: &Value, demo: &Demographics, now: i64) -> SourceContent {
     SourceContent {
         resource: patient.to_string(),
-        family: demo.family.clone(),
-        given: demo.given.clone(),
+        family: demo.family.as_deref().map(String::from),
+        given: demo.given.as_deref().map(String::from),
         family_phonetic: demo.family.as_deref().map(metaphone),
         given_phonetic: demo.given.as_deref().map(metaphone),
-        birth_date: demo.birth_date.clone(),
-        gender: demo.gender.clone(),
-        postcode: demo.postcode.clone(),
-        phone: demo.phone.clone(),
+        birth_date: demo.birth_date.as_deref().map(String::from),
+        gender: demo.gender.as_deref().map(String::from),
+        postcode: demo.postcode.as_deref().map(String::from),
+        phone: demo.phone.as_deref().map(String::from),
         demographics: serde_json::to_string(demo).unwrap_or_else(|_| "{}".into()),
         updated_at: now,
     }

@@ -3,10 +3,29 @@
 //! Known hazards (twins, junior/senior, uncorroborated common names, conflicting national ids)
 //! can never be auto-linked whatever the sum. Every score keeps its breakdown.
 
+use rapidfuzz::distance::{jaro_winkler as jw, osa};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use strsim::{jaro_winkler, osa_distance};
+
+/// Jaro–Winkler similarity (prefix weight 0.1, up to 4 characters). Normalised fields are
+/// ASCII, compared byte by byte; anything else by character.
+fn jaro_winkler(a: &str, b: &str) -> f64 {
+    if a.is_ascii() && b.is_ascii() {
+        jw::similarity(a.bytes(), b.bytes())
+    } else {
+        jw::similarity(a.chars(), b.chars())
+    }
+}
+
+/// Optimal-string-alignment distance: edits, an adjacent transposition counting as one.
+fn osa_distance(a: &str, b: &str) -> usize {
+    if a.is_ascii() && b.is_ascii() {
+        osa::distance(a.bytes(), b.bytes())
+    } else {
+        osa::distance(a.chars(), b.chars())
+    }
+}
 
 /// Edits (insert, delete, substitute, swap adjacent) between two strings, counted up to 3:
 /// every level compares with at most 2. Most pairs differ by more; a byte-count bound tells
@@ -35,7 +54,7 @@ fn edits(a: &str, b: &str) -> usize {
 }
 
 use super::nicknames::are_nicknames;
-use super::normalize::{metaphone, Demographics};
+use super::normalize::{metaphone, Demographics, Text};
 use crate::error::{Error, Result};
 
 pub const DEFAULT_WEIGHTS: &str = include_str!("../../config/match-weights.toml");
@@ -484,7 +503,7 @@ fn street_level(a: &str, b: &str) -> Level {
     }
 }
 
-fn both<'a>(x: &'a Option<String>, y: &'a Option<String>) -> Option<(&'a str, &'a str)> {
+fn both<'a>(x: &'a Option<Text>, y: &'a Option<Text>) -> Option<(&'a str, &'a str)> {
     x.as_deref().zip(y.as_deref())
 }
 
@@ -844,7 +863,11 @@ mod tests {
         let tf = Weights::defaults().with_frequencies(
             [(
                 "family".to_string(),
-                [(records[0].family.clone().unwrap_or_default(), 0.05)].into(),
+                [(
+                    records[0].family.clone().unwrap_or_default().into_string(),
+                    0.05,
+                )]
+                .into(),
             )]
             .into(),
         );
@@ -959,7 +982,7 @@ mod tests {
     #[test]
     fn a_national_id_one_typo_apart_rules_out_twins_unless_adjacent() {
         let w = Weights::defaults();
-        let ssn = "http://hl7.org/fhir/sid/us-ssn".to_string();
+        let ssn = Text::from("http://hl7.org/fhir/sid/us-ssn");
         let mut a = person("alice", "smith", "2001-05-05", "4 main street", "12345");
         let mut b = person("emily", "smith", "2001-05-05", "4 main street", "12345");
         a.shared_ids = vec![(ssn.clone(), "123456789".into())];
