@@ -99,7 +99,7 @@ fn term_frequencies(patients: &[Value], settings: &MpiSettings) -> mpi::score::T
         let d = mpi::normalize::Demographics::from_patient(p, &settings.shared_systems);
         for (field, value) in [("given", d.given), ("family", d.family)] {
             if let Some(v) = value {
-                *counts.entry((field, v)).or_default() += 1;
+                *counts.entry((field, v.into_string())).or_default() += 1;
                 *totals.entry(field).or_default() += 1;
             }
         }
