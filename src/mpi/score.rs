@@ -933,6 +933,22 @@ mod tests {
     }
 
     #[test]
+    fn string_metrics_keep_their_textbook_values() {
+        // Winkler's examples, and the same values whether compared by byte or by character.
+        assert!((jaro_winkler("martha", "marhta") - 0.9611).abs() < 1e-4);
+        assert!((jaro_winkler("dwayne", "duane") - 0.84).abs() < 1e-4);
+        assert!((jaro_winkler("dixon", "dicksonx") - 0.8133).abs() < 1e-4);
+        assert_eq!(jaro_winkler("", ""), 1.0);
+        assert_eq!(
+            jaro_winkler("müller", "muller"),
+            jw::similarity("müller".chars(), "muller".chars())
+        );
+        assert_eq!(osa_distance("ca", "abc"), 3);
+        assert_eq!(osa_distance("abcd", "acbd"), 1);
+        assert_eq!(osa_distance("zoë", "zoe"), 1);
+    }
+
+    #[test]
     fn edits_are_counted_up_to_three() {
         assert_eq!(edits("123456789", "123456789"), 0);
         assert_eq!(edits("123456789", "123456798"), 1);
