@@ -104,11 +104,13 @@ impl ManageConnection for Manager {
                 // busy_timeout first, so concurrent openers wait instead of failing with "locked".
                 c.batch_execute(&format!(
                     "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
-                     PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 1073741824; \
-                     PRAGMA wal_autocheckpoint = 65536;",
+                     PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 1073741824;",
                     self.busy_timeout_ms
                 ))
                 .map_err(r2d2::Error::QueryError)?;
+                let pages = WAL_RESTART_BYTES / sqlite_page_size(&mut c).max(512);
+                c.batch_execute(&format!("PRAGMA wal_autocheckpoint = {pages};"))
+                    .map_err(r2d2::Error::QueryError)?;
                 Ok(DbConn::Sqlite(c))
             }
             DbUrl::Postgres(url) => PgConnection::establish(url)
@@ -403,6 +405,27 @@ pub fn migrate_only(config: &DatabaseConfig) -> Result<usize> {
     migrate(&mut conn)
 }
 
+/// How much WAL a SQLite writer lets grow before its own checkpoint, after which the log
+/// restarts from the beginning (`wal_autocheckpoint`, which counts pages: 64K pages of 4 KiB,
+/// 128K of 2 KiB). Each restart costs the writer a sync; with half as much log between them the
+/// 1M HTTP feed ran 5–10 % slower.
+const WAL_RESTART_BYTES: i64 = 256 << 20;
+
+fn sqlite_page_size(c: &mut SqliteConnection) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct PageSize {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        page_size: i64,
+    }
+    diesel::RunQueryDsl::load::<PageSize>(
+        diesel::sql_query("SELECT page_size FROM pragma_page_size"),
+        c,
+    )
+    .ok()
+    .and_then(|rows| rows.into_iter().next())
+    .map_or(4096, |r| r.page_size)
+}
+
 /// The page size of a new SQLite database (an existing file keeps its own: SQLite fixes it when
 /// the file is created). The identity feed's commits are mostly index pages dirtied at random —
 /// a dozen per record — and each goes to the WAL whole: 2 KiB pages halve those writes against
@@ -512,6 +535,22 @@ mod tests {
             SQLITE_PAGE_SIZE.to_string()
         );
         assert_eq!(sqlite_pragma(&fresh, "journal_mode"), "wal");
+        // The log restarts after as many bytes whatever the page size.
+        #[derive(diesel::QueryableByName)]
+        struct Frames {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            wal_autocheckpoint: i64,
+        }
+        // Every connection is opened alike (the writer's too).
+        let frames = |db: &Db| {
+            let mut conn = db.get().expect("connection");
+            diesel::sql_query("PRAGMA wal_autocheckpoint")
+                .load::<Frames>(&mut *conn)
+                .ok()
+                .and_then(|rows| rows.into_iter().next())
+                .map(|r| r.wal_autocheckpoint)
+        };
+        assert_eq!(frames(&fresh), Some(WAL_RESTART_BYTES / 2048));
 
         // A database made before the change (default 4 KiB pages) opens and migrates as it is.
         let old = dir.path().join("old.db");
@@ -522,5 +561,6 @@ mod tests {
         let old = Db::open(&config("old.db")).expect("open old");
         assert_eq!(sqlite_pragma(&old, "page_size"), "4096");
         assert_eq!(sqlite_pragma(&old, "journal_mode"), "wal");
+        assert_eq!(frames(&old), Some(WAL_RESTART_BYTES / 4096));
     }
 }
