@@ -1,9 +1,10 @@
 //! SQLite's write-ahead log written in runs, not frame by frame.
 //!
 //! SQLite appends each WAL frame with two `pwrite` calls, its 24-byte header and then the page,
-//! and a frame (4,120 bytes with 4 KiB pages, 2,072 with the 2 KiB of new databases) straddles two pages of the kernel's page cache: a commit of 72
-//! frames (a feed batch of three records at 1M) made 145 system calls and ~216 page-cache
-//! updates, a fifth of the writer thread's time (BENCHMARKS.md, session 12). This VFS wraps
+//! and a frame (4,120 bytes with 4 KiB pages; 2,072 with the 2 KiB of databases made since)
+//! straddles two pages of the kernel's page cache: a commit of 72 frames (a feed batch of three
+//! records at 1M) made 145 system calls and ~216 page-cache updates, a fifth of the writer
+//! thread's time (BENCHMARKS.md, session 12). This VFS wraps
 //! the platform's default one and changes one thing: a WAL file's appended frames collect in
 //! memory and reach the file as one write.
 //!
