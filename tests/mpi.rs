@@ -1580,6 +1580,135 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
 }
 on_both_backends!(pipelined_matching_sees_unwritten_batches_and_notices_stale_ones);
 
+/// A record whose match would merge two people is decided as it is written, after its batch.
+/// The batches after it are matched meanwhile, with it as a candidate whose person is not yet
+/// known: one that scored it (a twin held for review) is matched again when written, and
+/// decides as one record after the other would; one about somebody else is written as
+/// decided. Neither waits for the merge.
+async fn a_merge_decided_as_written_holds_up_only_the_batches_it_touches(backend: Backend) {
+    use hie_broker::audit::Actor;
+    use hie_broker::mpi::bulk::{write_group, Matcher, Pipeline, Submission, Written};
+    let mut l = loaded(&backend, 30, &[]);
+    let ingrid = |mrn: &str| {
+        patient(
+            "urn:hospital-a",
+            mrn,
+            "Ingrid",
+            "Vasquez",
+            "1966-03-14",
+            "4 Main St",
+            "12345",
+            None,
+        )
+    };
+    let feed = |conn: &mut hie_broker::db::PooledConn, mrn: &str, p: &Value| {
+        hie_broker::mpi::feed(
+            conn,
+            &l.settings,
+            &l.org,
+            &hie_broker::mpi::FeedRequest {
+                system: "urn:hospital-a",
+                value: mrn,
+                patient: p,
+            },
+            &Actor::cli(),
+        )
+        .expect("feed")
+    };
+    // One person split in two by an operator's unlink: two identities a new record of hers is
+    // certain for.
+    let first = feed(&mut l.conn, "M-1", &ingrid("M-1"));
+    let second = feed(&mut l.conn, "M-2", &ingrid("M-2"));
+    assert_eq!(first.enterprise_id, second.enterprise_id);
+    let split =
+        hie_broker::mpi::unlink(&mut l.conn, second.source_id, &Actor::cli()).expect("unlink");
+    assert_ne!(split, first.enterprise_id);
+
+    let mut reader = l.db.get().expect("reader");
+    let pipe = Pipeline::new(l.db.writes());
+    let mut matcher = Matcher::default();
+    let mut written = Written::default();
+    let mut match_one = |matcher: &mut Matcher, p: Value| {
+        matcher
+            .match_group(
+                &mut reader,
+                &l.settings,
+                &l.org,
+                vec![Submission::from(p)],
+                Some(&pipe),
+            )
+            .expect("match")
+    };
+    let merging = match_one(&mut matcher, ingrid("M-3"));
+    assert!(
+        !matcher.needs_flush(),
+        "the next batch need not wait for the merge"
+    );
+    let other = match_one(
+        &mut matcher,
+        patient(
+            "urn:hospital-a",
+            "M-5",
+            "Tobias",
+            "Lindqvist",
+            "1971-11-02",
+            "8 Elm Rd",
+            "54321",
+            None,
+        ),
+    );
+    let twin = match_one(
+        &mut matcher,
+        patient(
+            "urn:hospital-a",
+            "M-4",
+            "Anna",
+            "Vasquez",
+            "1966-03-14",
+            "4 Main St",
+            "12345",
+            None,
+        ),
+    );
+    let mut write = |written: &mut Written, m: hie_broker::mpi::bulk::Matched| {
+        let group = m.group();
+        let r = hie_broker::db::write_tx(&mut l.conn, |c| {
+            write_group(c, &l.settings, written, m, Some(&pipe), |_, _| Ok(()))
+        })
+        .expect("write");
+        pipe.finished(group);
+        r.into_iter().next().expect("one").expect("fed")
+    };
+    let merged = write(&mut written, merging);
+    assert_eq!(merged.outcome, "linked");
+    assert!([first.enterprise_id, split].contains(&merged.enterprise_id));
+    let tobias = write(&mut written, other);
+    assert_eq!(
+        written.matched_again(),
+        0,
+        "somebody else's batch is written as decided"
+    );
+    let anna = write(&mut written, twin);
+    assert_eq!(
+        written.matched_again(),
+        1,
+        "the twin's batch was matched again"
+    );
+    // As one record after the other: the twin stays apart, held for review against all three
+    // of her sister's records, the one written by the merge included.
+    assert_eq!(anna.outcome, "review");
+    assert_eq!(anna.reviews_queued, 3);
+    assert_eq!(tobias.outcome, "new-identity");
+    // The merge itself: the split person is one again.
+    for mrn in ["M-1", "M-2", "M-3"] {
+        let row = hie_broker::db::mpi::find_source(&mut l.conn, "urn:hospital-a", mrn)
+            .expect("read")
+            .expect("stored");
+        assert_eq!(row.enterprise_id, merged.enterprise_id, "{mrn}");
+    }
+}
+on_both_backends!(a_merge_decided_as_written_holds_up_only_the_batches_it_touches);
+
 /// An upgrade from a database whose blocking keys are text. The re-keying migrations that
 /// filed existing records under a new or changed key (birth date + initials; the street key's
 /// new form) file them exactly as `Demographics::blocking_keys` does for new ones: run each

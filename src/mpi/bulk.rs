@@ -195,6 +195,10 @@ const PENDING: i64 = 1 << 62;
 /// written.
 const NEVER_WRITTEN: u64 = u64::MAX;
 
+/// The person of a pending record whose match is decided only as it is written. Never
+/// resolved: a record decided on it is matched again (`Written::changed_under`).
+const UNDECIDED: i64 = i64::MAX;
+
 /// A new record decided, before ids are allocated: its own id is pending, its identity
 /// (`eid`) real or pending, and so may be the candidates of its evaluation.
 struct Decided {
@@ -224,6 +228,10 @@ pub struct Matched {
     /// Records for the online path, decided when written: updates, merges, a second record
     /// under one identifier, a match that would merge identities.
     online: Vec<(usize, Prepared)>,
+    /// The groups after this one are matched without waiting for its online records (all of
+    /// them matches that would merge identities): the writer notes what those touch, and a
+    /// later group decided on any of it is matched again (`Written::changed_under`).
+    online_unseen: bool,
     first_record: i64,
     first_identity: i64,
     new_identities: usize,
@@ -335,7 +343,7 @@ impl Matcher {
         self.next_group += 1;
         let first_record = self.next_record;
         let first_identity = self.next_identity;
-        let (decided, deferred, mine) = decide(
+        let (decided, deferred, mut mine) = decide(
             s,
             org,
             gathered,
@@ -343,20 +351,45 @@ impl Matcher {
             first_record,
             first_identity,
         );
+        // Updates, merges by link and repeated identifiers change stored records the next
+        // group may be matched with: it waits for them. Records whose match would merge
+        // identities are written after the group's decided ones, as new records: the next
+        // group goes on with them as candidates whose person is not known yet
+        // (`UNDECIDED`), and is matched again when written if it was decided on one of them
+        // or on a person they touched (`Written::changed_under`).
+        let wait = !online.is_empty();
+        let online_unseen = pipelined && !wait && !deferred.is_empty();
+        if online_unseen {
+            mine.extend(deferred.iter().enumerate().map(|(i, (_, p))| Candidate {
+                id: first_record + (decided.len() + i) as i64,
+                org_id: org.id.to_string(),
+                enterprise_id: UNDECIDED,
+                demo: p.demo.clone(),
+            }));
+        }
         online.extend(deferred);
         online.sort_by_key(|(pos, _)| *pos);
         let new_identities = decided.iter().filter(|d| d.eid >= first_identity).count();
-        self.next_record += decided.len() as i64;
+        self.next_record += mine.len() as i64;
         self.next_identity += new_identities as i64;
         let depends_on = self.pending.iter().map(|g| g.group).collect();
         if pipelined {
+            // Online records too: the same identifier later is an update of what they write.
             let identifiers = decided
                 .iter()
-                .map(|d| (d.prepared.system.clone(), d.prepared.value.clone()))
+                .map(|d| &d.prepared)
+                .chain(online.iter().map(|(_, p)| p))
+                .map(|p| (p.system.clone(), p.value.clone()))
                 .collect();
             let mut keys: HashMap<KeyId, Vec<usize>> = HashMap::new();
-            for (k, d) in decided.iter().enumerate() {
-                for key in &d.prepared.keys {
+            let unseen = online.iter().filter(|_| online_unseen).map(|(_, p)| p);
+            for (k, p) in decided
+                .iter()
+                .map(|d| &d.prepared)
+                .chain(unseen)
+                .enumerate()
+            {
+                for key in &p.keys {
                     keys.entry(*key).or_default().push(k);
                 }
             }
@@ -367,7 +400,7 @@ impl Matcher {
                 keys,
                 identifiers,
             }));
-            if !online.is_empty() {
+            if wait {
                 self.flush_after = Some(group);
             }
         }
@@ -377,6 +410,7 @@ impl Matcher {
             results,
             decided,
             online,
+            online_unseen,
             first_record,
             first_identity,
             new_identities,
@@ -406,6 +440,7 @@ impl Matcher {
             results,
             decided: Vec::new(),
             online,
+            online_unseen: false,
             first_record: self.next_record,
             first_identity: self.next_identity,
             new_identities: 0,
@@ -577,7 +612,8 @@ impl Pipeline {
     }
 
     fn publish(&self, group: u64, ids: &[i64]) {
-        self.lock().published.insert(group, ids.to_vec());
+        let mut st = self.lock();
+        st.published.entry(group).or_default().extend(ids);
     }
 
     fn published(&self, groups: impl Iterator<Item = u64>) -> HashSet<i64> {
@@ -612,6 +648,19 @@ struct WrittenGroup {
     identities: Vec<i64>,
     /// The newest source record it wrote.
     newest: i64,
+    /// What its online records touched, when later groups were matched without them.
+    touched: Option<Touched>,
+}
+
+/// What a group's online records, matched after later groups were, change for those groups:
+/// the records themselves (pending ids, as those groups saw them), the people their matching
+/// could change (those of the records they were matched with, and their own), and the keys
+/// of any that failed (the later groups took them as filed).
+#[derive(Clone, Default)]
+struct Touched {
+    records: HashSet<i64>,
+    identities: HashSet<i64>,
+    keys: HashSet<KeyId>,
 }
 
 /// Groups remembered; a group depends on at most the few matched ahead of its write.
@@ -636,6 +685,34 @@ impl Written {
         groups.iter().try_fold(0i64, |newest, g| {
             let w = self.groups.iter().find(|w| w.group == *g && w.as_decided)?;
             Some(newest.max(w.newest))
+        })
+    }
+
+    /// Whether a record of `m` was decided on something the unseen online records of a group
+    /// it depends on changed: it scored one of them, or a record of a person they may have
+    /// linked or merged, or it shares a key with one that was not written.
+    fn changed_under(&self, m: &Matched) -> bool {
+        let touched: Vec<&Touched> = self
+            .groups
+            .iter()
+            .filter(|w| m.depends_on.contains(&w.group))
+            .filter_map(|w| w.touched.as_ref())
+            .collect();
+        if touched.is_empty() {
+            return false;
+        }
+        let person = |eid: i64| match eid >= PENDING {
+            true => self.resolve(eid, true),
+            false => Some(eid),
+        };
+        m.decided.iter().any(|d| {
+            touched.iter().any(|t| {
+                d.prepared.keys.iter().any(|k| t.keys.contains(k))
+                    || d.eval.ranked.iter().any(|c| {
+                        t.records.contains(&c.source_id)
+                            || person(c.enterprise_id).is_some_and(|e| t.identities.contains(&e))
+                    })
+            })
         })
     }
 
@@ -716,7 +793,8 @@ where
             Some(newest)
                 if p.generation() == m.generation
                     && m.data_version
-                        .map_or(Ok(true), |v| store::data_version(conn).map(|now| now == v))? =>
+                        .map_or(Ok(true), |v| store::data_version(conn).map(|now| now == v))?
+                    && !written.changed_under(&m) =>
             {
                 // The ids continue from the newest record the group was matched with: no
                 // record was added by anyone else since.
@@ -741,6 +819,7 @@ where
         mut results,
         decided,
         online,
+        online_unseen,
         first_record,
         first_identity,
         new_identities,
@@ -755,7 +834,19 @@ where
         written,
     };
     write_decided(conn, &org, &ids, decided, now, &mut results)?;
-    for (pos, p) in online {
+    let mut touched = online_unseen.then(Touched::default);
+    let unseen_first = first_record + ids.sids.len() as i64;
+    for (k, (pos, p)) in online.into_iter().enumerate() {
+        // The records its matching reads and their people, read just before it as `feed_in`
+        // reads them: the people it merges away are those that change.
+        let before = match touched.as_mut() {
+            Some(t) => {
+                t.records.insert(unseen_first + k as i64);
+                let candidates = store::candidates(conn, &p.keys, None, s.max_candidates)?;
+                candidates.into_iter().map(|c| (c.0, c.2)).collect()
+            }
+            None => Vec::new(),
+        };
         let req = FeedRequest {
             system: &p.system,
             value: &p.value,
@@ -764,6 +855,27 @@ where
         // A savepoint each: a refused update leaves the rest of the batch alone.
         let r =
             diesel::Connection::transaction(&mut *conn, |c| feed_in(c, s, &org, &req, &p.raw_ids));
+        match (touched.as_mut(), &r) {
+            (Some(t), Ok(r)) => {
+                let ids: Vec<i64> = before.iter().map(|c| c.0).collect();
+                let after: HashMap<i64, i64> = store::matchable(conn, &ids)?
+                    .into_iter()
+                    .map(|c| (c.0, c.2))
+                    .collect();
+                t.identities.extend(
+                    before
+                        .iter()
+                        .filter(|(id, eid)| after.get(id) != Some(eid))
+                        .map(|c| c.1),
+                );
+                // Pending in later groups' reads too: a snapshot holding it drops its copy.
+                if let Some(p) = pipe {
+                    p.publish(group, &[r.source_id]);
+                }
+            }
+            (Some(t), Err(_)) => t.keys.extend(p.keys.iter().copied()),
+            (None, _) => {}
+        }
         results[pos] = Some(r);
     }
     let results: Vec<Result<FeedResult>> = results
@@ -785,6 +897,7 @@ where
         first_identity,
         identities: eids,
         newest,
+        touched,
     });
     Ok(results)
 }
@@ -840,6 +953,7 @@ where
         first_identity: m.first_identity,
         identities: Vec::new(),
         newest,
+        touched: None,
     });
     Ok(results)
 }
