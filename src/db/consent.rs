@@ -141,6 +141,19 @@ pub fn refresh_hides(conn: &mut DbConn, enterprise_id: i64) -> Result<()> {
     set_hides(conn, enterprise_id, &value)
 }
 
+/// Of `enterprise_ids`, the people one of whose records holds a current active directive:
+/// the only ones whose records consent hides anything of (`refresh_hides`).
+pub fn with_directives(conn: &mut DbConn, enterprise_ids: &[i64]) -> Result<Vec<i64>> {
+    Ok(consents::table
+        .inner_join(source_records::table)
+        .filter(consents::is_current.eq(1))
+        .filter(consents::status.eq("active"))
+        .filter(source_records::enterprise_id.eq_any(enterprise_ids))
+        .select(source_records::enterprise_id)
+        .distinct()
+        .load(conn)?)
+}
+
 /// Sets what consent hides on every record of a person.
 pub fn set_hides(conn: &mut DbConn, enterprise_id: i64, value: &str) -> Result<()> {
     diesel::update(

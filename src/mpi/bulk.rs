@@ -1000,6 +1000,8 @@ struct Gathered {
     fresh: Vec<(usize, Prepared)>,
     record_keys: Vec<Vec<usize>>,
     by_key: Vec<Vec<i64>>,
+    /// Per record, its stored and pending candidates ranked (`store::rank_candidates`).
+    ranked: Vec<Vec<i64>>,
     stored: HashMap<i64, Candidate>,
 }
 
@@ -1055,37 +1057,48 @@ fn gather(
         }
         b.truncate(store::BUCKET_READ as usize);
     }
-    // The stored records any of them may be matched with: adding the batch's own records to
-    // the buckets only pushes stored ones down the ranking, never up.
-    let mut wanted: Vec<i64> = record_keys
+    let ranked: Vec<Vec<i64>> = record_keys
         .iter()
-        .flat_map(|ks| {
+        .map(|ks| {
             let buckets: Vec<&[i64]> = ks.iter().map(|&k| stored_by_key[k].as_slice()).collect();
             store::rank_candidates(&buckets, limit)
         })
+        .collect();
+    // The stored records any of them may be matched with: adding the batch's own records to
+    // the buckets only pushes stored ones down the ranking, never up.
+    let mut wanted: Vec<i64> = ranked
+        .iter()
+        .flatten()
+        .copied()
         .filter(|id| *id < PENDING)
         .collect();
     wanted.sort_unstable();
     wanted.dedup();
-    let stored: HashMap<i64, Candidate> = store::matchable(conn, &wanted)?
-        .into_iter()
-        .filter_map(|(id, org_id, enterprise_id, demo)| {
-            let demo = serde_json::from_str(&demo).ok()?;
-            Some((
-                id,
-                Candidate {
-                    id,
-                    org_id,
-                    enterprise_id,
-                    demo,
-                },
-            ))
+    let mut rows = store::matchable(conn, &wanted)?;
+    // Their demographics parsed on two threads when there are many (a bulk load's batch reads
+    // hundreds of thousands).
+    let parse = Candidate::of_rows;
+    let stored = if rows.len() >= 4 * PARALLEL_SCORING {
+        let second = rows.split_off(rows.len() / 2);
+        std::thread::scope(|scope| {
+            let second = scope.spawn(|| parse(second));
+            let mut first = parse(rows);
+            first.extend(
+                second
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+            );
+            first
         })
-        .collect();
+    } else {
+        parse(rows)
+    };
+    let stored: HashMap<i64, Candidate> = stored.into_iter().map(|c| (c.id, c)).collect();
     Ok(Gathered {
         fresh,
         record_keys,
         by_key: stored_by_key,
+        ranked,
         stored,
     })
 }
@@ -1108,6 +1121,7 @@ fn decide(
         fresh,
         record_keys,
         by_key: stored_by_key,
+        ranked: stored_ranked,
         stored,
     } = gathered;
     let pending_record = |id: i64| -> Option<&Candidate> {
@@ -1127,19 +1141,12 @@ fn decide(
     // Each record against its stored and pending candidates: scored ahead, on two threads
     // for a large batch (a bulk load's matching is mostly scoring). What the batch's own
     // earlier records add is scored below, in order.
-    let prescore = |records: &[(usize, Prepared)], keys: &[Vec<usize>]| -> Vec<Prescored> {
+    let prescore = |records: &[(usize, Prepared)], ranked: &[Vec<i64>]| -> Vec<Prescored> {
         records
             .iter()
-            .zip(keys)
-            .map(|((_, p), ks)| {
-                let buckets: Vec<&[i64]> = ks
-                    .iter()
-                    .map(|&k| {
-                        let b = &stored_by_key[k];
-                        &b[..b.len().min(store::BUCKET_READ as usize)]
-                    })
-                    .collect();
-                let ranked = store::rank_candidates(&buckets, limit);
+            .zip(ranked)
+            .map(|((_, p), ranked)| {
+                let ranked = ranked.clone();
                 let scores = ranked
                     .iter()
                     .map(|&id| candidate(id).and_then(|c| review_score(s, &p.demo, c)))
@@ -1151,8 +1158,8 @@ fn decide(
     let prescored: Vec<Prescored> = if fresh.len() >= PARALLEL_SCORING {
         let half = fresh.len() / 2;
         std::thread::scope(|scope| {
-            let second = scope.spawn(|| prescore(&fresh[half..], &record_keys[half..]));
-            let mut first = prescore(&fresh[..half], &record_keys[..half]);
+            let second = scope.spawn(|| prescore(&fresh[half..], &stored_ranked[half..]));
+            let mut first = prescore(&fresh[..half], &stored_ranked[..half]);
             // A panic while scoring goes on as it would on one thread.
             first.extend(
                 second
@@ -1162,7 +1169,7 @@ fn decide(
             first
         })
     } else {
-        prescore(&fresh, &record_keys)
+        prescore(&fresh, &stored_ranked)
     };
 
     let mut decided: Vec<Decided> = Vec::with_capacity(fresh.len());
@@ -1311,12 +1318,22 @@ fn write_decided(
         return Ok(());
     }
     let mut rows = BulkRows::default();
-    // Members of the group's new identities, newest first (survivorship).
+    // Members the group adds to each person, newest first (survivorship).
     let mut members: HashMap<i64, Vec<&Prepared>> = HashMap::new();
-    let mut joined: Vec<i64> = Vec::new();
-    for d in decided.iter().rev().filter(|d| ids.is_new_identity(d.eid)) {
+    for d in decided.iter().rev() {
         members.entry(d.eid).or_default().push(&d.prepared);
     }
+    // The stored people new records joined: their golden records are the new members' over
+    // the stored one.
+    let mut joined: HashMap<i64, Vec<&Value>> = HashMap::new();
+    for (eid, ps) in members
+        .iter()
+        .filter(|(eid, _)| !ids.is_new_identity(**eid))
+    {
+        let stored = joined.entry(ids.identity(*eid)?).or_default();
+        stored.extend(ps.iter().map(|p| &p.patient));
+    }
+    let joined = joined_goldens(conn, joined)?;
     for (n, &id) in ids.eids.iter().enumerate() {
         let golden = match members
             .get(&(ids.first_identity + n as i64))
@@ -1339,7 +1356,6 @@ fn write_decided(
     for (k, d) in decided.into_iter().enumerate() {
         let source_id = ids.sids[k];
         let enterprise_id = ids.identity(d.eid)?;
-        let new_identity = ids.is_new_identity(d.eid);
         let p = d.prepared;
         let c = p.content;
         rows.sources.push(NewSource {
@@ -1398,9 +1414,6 @@ fn write_decided(
                 actor: None,
                 created_at: now,
             });
-            if !new_identity {
-                joined.push(enterprise_id);
-            }
         }
         results[d.pos] = Some(Ok(FeedResult {
             source_id,
@@ -1412,39 +1425,33 @@ fn write_decided(
         }));
     }
     store::insert_bulk(conn, rows)?;
-    joined.sort_unstable();
-    joined.dedup();
-    rebuild_joined(conn, &joined, now)
-}
-
-/// `rebuild_golden` for the stored identities new records joined, a few queries for all of
-/// them. A new record takes its person's consent restrictions (`consent_hides`) from the
-/// records already there: it brings no consent of its own.
-fn rebuild_joined(conn: &mut DbConn, eids: &[i64], now: i64) -> Result<()> {
-    for chunk in eids.chunks(1000) {
-        let mut members = store::members_of(conn, chunk)?;
-        members.sort_by(|a, b| {
-            a.enterprise_id
-                .cmp(&b.enterprise_id)
-                .then(b.updated_at.cmp(&a.updated_at))
-                .then(b.id.cmp(&a.id))
-        });
-        let mut goldens = Vec::new();
-        for group in members.chunk_by(|a, b| a.enterprise_id == b.enterprise_id) {
-            let resources: Vec<Value> = group
-                .iter()
-                .filter_map(|m| serde_json::from_str(&m.resource).ok())
-                .collect();
-            goldens.push((group[0].enterprise_id, golden(&resources)));
-            if let Some(hides) = group
-                .iter()
-                .map(|m| m.consent_hides.as_str())
-                .find(|h| !h.is_empty())
-            {
-                crate::db::consent::set_hides(conn, group[0].enterprise_id, hides)?;
-            }
+    for chunk in joined.chunks(1000) {
+        store::set_goldens(conn, chunk, now)?;
+        // A new record brings no consent of its own: it takes its person's restrictions.
+        let eids: Vec<i64> = chunk.iter().map(|(eid, _)| *eid).collect();
+        for eid in crate::db::consent::with_directives(conn, &eids)? {
+            crate::db::consent::refresh_hides(conn, eid)?;
         }
-        store::set_goldens(conn, &goldens, now)?;
     }
     Ok(())
+}
+
+/// The golden records of stored people that records joined (`new`: each person's new member
+/// resources, newest first). Survivorship takes each field from the newest record that has
+/// it, and the new records are the newest, so a person's golden record is theirs over the one
+/// stored — which was built by the same rule at the person's last change — without reading
+/// the older records.
+fn joined_goldens(conn: &mut DbConn, new: HashMap<i64, Vec<&Value>>) -> Result<Vec<(i64, String)>> {
+    let mut eids: Vec<i64> = new.keys().copied().collect();
+    eids.sort_unstable();
+    let mut goldens = Vec::with_capacity(eids.len());
+    for chunk in eids.chunks(1000) {
+        for row in store::get_identities(conn, chunk)? {
+            let stored: Value = serde_json::from_str(&row.golden).unwrap_or(Value::Null);
+            let mut resources: Vec<&Value> = new.get(&row.id).cloned().unwrap_or_default();
+            resources.push(&stored);
+            goldens.push((row.id, golden(&resources)));
+        }
+    }
+    Ok(goldens)
 }
