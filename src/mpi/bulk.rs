@@ -1077,21 +1077,11 @@ fn gather(
     let mut rows = store::matchable(conn, &wanted)?;
     // Their demographics parsed on two threads when there are many (a bulk load's batch reads
     // hundreds of thousands).
-    let parse = Candidate::of_rows;
     let stored = if rows.len() >= 4 * PARALLEL_SCORING {
         let second = rows.split_off(rows.len() / 2);
-        std::thread::scope(|scope| {
-            let second = scope.spawn(|| parse(second));
-            let mut first = parse(rows);
-            first.extend(
-                second
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-            );
-            first
-        })
+        on_two_threads(|| Candidate::of_rows(rows), || Candidate::of_rows(second))
     } else {
-        parse(rows)
+        Candidate::of_rows(rows)
     };
     let stored: HashMap<i64, Candidate> = stored.into_iter().map(|c| (c.id, c)).collect();
     Ok(Gathered {
@@ -1157,17 +1147,10 @@ fn decide(
     };
     let prescored: Vec<Prescored> = if fresh.len() >= PARALLEL_SCORING {
         let half = fresh.len() / 2;
-        std::thread::scope(|scope| {
-            let second = scope.spawn(|| prescore(&fresh[half..], &stored_ranked[half..]));
-            let mut first = prescore(&fresh[..half], &stored_ranked[..half]);
-            // A panic while scoring goes on as it would on one thread.
-            first.extend(
-                second
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-            );
-            first
-        })
+        on_two_threads(
+            || prescore(&fresh[..half], &stored_ranked[..half]),
+            || prescore(&fresh[half..], &stored_ranked[half..]),
+        )
     } else {
         prescore(&fresh, &stored_ranked)
     };
@@ -1247,6 +1230,24 @@ fn decide(
         });
     }
     (decided, deferred, batch)
+}
+
+/// `first` here and `second` on another thread, their results in that order. A panic in
+/// either goes on as it would on one thread.
+fn on_two_threads<T: Send>(
+    first: impl FnOnce() -> Vec<T>,
+    second: impl FnOnce() -> Vec<T> + Send,
+) -> Vec<T> {
+    std::thread::scope(|scope| {
+        let second = scope.spawn(second);
+        let mut all = first();
+        all.extend(
+            second
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        );
+        all
+    })
 }
 
 /// A batch at least this large has its stored candidates scored on two threads (the cost of a
