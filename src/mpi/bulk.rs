@@ -369,7 +369,11 @@ impl Matcher {
         }
         online.extend(deferred);
         online.sort_by_key(|(pos, _)| *pos);
-        let new_identities = decided.iter().filter(|d| d.eid >= first_identity).count();
+        // A record linked to an undecided one is matched again when written (not new).
+        let new_identities = decided
+            .iter()
+            .filter(|d| d.eid >= first_identity && d.eid != UNDECIDED)
+            .count();
         self.next_record += mine.len() as i64;
         self.next_identity += new_identities as i64;
         let depends_on = self.pending.iter().map(|g| g.group).collect();
@@ -654,8 +658,8 @@ struct WrittenGroup {
 
 /// What a group's online records, matched after later groups were, change for those groups:
 /// the records themselves (pending ids, as those groups saw them), the people their matching
-/// could change (those of the records they were matched with, and their own), and the keys
-/// of any that failed (the later groups took them as filed).
+/// merged away (identities of their candidates that changed), and the keys of any that
+/// failed (the later groups took them as filed).
 #[derive(Clone, Default)]
 struct Touched {
     records: HashSet<i64>,
