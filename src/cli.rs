@@ -742,17 +742,26 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
         let mut matcher = Matcher::default();
         // The writer stopped: its error is the one reported.
         let stopped = || Error::unavailable("the import's writer stopped");
-        let mut lines = reader.lines().enumerate().peekable();
-        let matching = (|| -> Result<()> {
+        // The next batch's lines are read and parsed while this one is matched.
+        type Lines = Result<(Vec<usize>, Vec<Submission>)>;
+        let (to_matcher, parsed) = std::sync::mpsc::sync_channel::<Lines>(1);
+        let read_all = scope.spawn(move || -> u64 {
+            let mut lines = reader.lines().enumerate().peekable();
+            let mut not_json = 0u64;
             while lines.peek().is_some() {
                 // Each batch is one transaction; a line that is not a Patient is reported and
                 // skipped.
                 let mut numbers = Vec::new();
                 let mut patients = Vec::new();
                 for (n, line) in lines.by_ref().take(batch) {
-                    let line = line.map_err(|e| {
-                        Error::invalid(format!("cannot read {}: {e}", file.display()))
-                    })?;
+                    let line = match line {
+                        Ok(line) => line,
+                        Err(e) => {
+                            let e = Error::invalid(format!("cannot read {}: {e}", file.display()));
+                            let _ = to_matcher.send(Err(e));
+                            return not_json;
+                        }
+                    };
                     if line.trim().is_empty() {
                         continue;
                     }
@@ -762,11 +771,20 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
                             patients.push(Submission::from(p));
                         }
                         Err(e) => {
-                            read_failed += 1;
+                            not_json += 1;
                             eprintln!("line {}: not JSON: {e}", n + 1);
                         }
                     }
                 }
+                if to_matcher.send(Ok((numbers, patients))).is_err() {
+                    break;
+                }
+            }
+            not_json
+        });
+        let matching = (|| -> Result<()> {
+            for lines in parsed.iter() {
+                let (numbers, patients) = lines?;
                 // The writer writes the batch matched last while this one is matched (after
                 // it, if its online records change what this one must see: `begin` waits).
                 let m = matcher.match_group(&mut conn, &settings, &org, patients, Some(&pipe))?;
@@ -774,6 +792,11 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             }
             Ok(())
         })();
+        // A reader still sending stops at once.
+        drop(parsed);
+        read_failed = read_all
+            .join()
+            .map_err(|_| Error::internal("the import's reader failed"))?;
         drop(to_writer);
         let written = writer
             .join()

@@ -1234,9 +1234,14 @@ async fn bulk_import_decides_as_the_online_feed_does(backend: Backend) {
     }
     assert_eq!(refused_online, 2);
     let file = bulk.ex.dir.path().join("hospital.ndjson");
-    let text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    let mut text: Vec<String> = lines.iter().map(Value::to_string).collect();
+    // A line that is not JSON at all, in the second batch: reported with its number, skipped.
+    text.insert(
+        70,
+        r#"{"resourceType": "Patient", "name": [{"family": "#.into(),
+    );
     std::fs::write(&file, text.join("\n") + "\n").expect("write");
-    let out = bulk.ex.hie_ok(&[
+    let out = bulk.ex.hie(&[
         "import",
         "--org",
         "general-hospital",
@@ -1244,7 +1249,13 @@ async fn bulk_import_decides_as_the_online_feed_does(backend: Backend) {
         "50",
         &file.to_string_lossy(),
     ]);
-    assert!(out.contains("2 refused"), "{out}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("3 refused"), "{stdout}");
+    assert!(stderr.contains("line 71: not JSON"), "{stderr}");
 
     let (a, b) = (grouping(&online.ex), grouping(&bulk.ex));
     assert_eq!(a.1, b.1, "record statuses differ");
