@@ -1140,12 +1140,10 @@ fn decide(
             .iter()
             .zip(ranked)
             .map(|((_, p), ranked)| {
-                let ranked = ranked.clone();
-                let scores = ranked
+                ranked
                     .iter()
                     .map(|&id| candidate(id).and_then(|c| review_score(s, &p.demo, c)))
-                    .collect();
-                Prescored { ranked, scores }
+                    .collect()
             })
             .collect()
     };
@@ -1166,11 +1164,13 @@ fn decide(
     let mut batch_by_key: Vec<Vec<usize>> = vec![Vec::new(); stored_by_key.len()];
     let mut new_identities = 0i64;
     let none = HashSet::new();
-    for (((pos, p), ks), ahead) in fresh.into_iter().zip(record_keys).zip(prescored) {
+    let ahead = stored_ranked.into_iter().zip(prescored);
+    for (((pos, p), ks), (ranked_ahead, scores)) in fresh.into_iter().zip(record_keys).zip(ahead) {
         // The batch's records rank as newer than any pending or stored one; with none under
         // its keys, the ranking is the one scored ahead.
+        let reranked;
         let ranked = if ks.iter().all(|&k| batch_by_key[k].is_empty()) {
-            ahead.ranked.clone()
+            &ranked_ahead
         } else {
             let buckets: Vec<Vec<i64>> = ks
                 .iter()
@@ -1185,7 +1185,8 @@ fn decide(
                     b
                 })
                 .collect();
-            store::rank_candidates(&buckets, limit)
+            reranked = store::rank_candidates(&buckets, limit);
+            &reranked
         };
         let cands: Vec<&Candidate> = ranked
             .iter()
@@ -1200,8 +1201,8 @@ fn decide(
         // Scored ahead, or (a batch record; a stored one the batch's records pushed into the
         // ranking) scored now: the same function either way.
         let eval = evaluate_scored(s, org.id.as_str(), &cands, &none, |c| {
-            match ahead.ranked.iter().position(|&id| id == c.id) {
-                Some(i) if c.id < first_record => ahead.scores[i].clone(),
+            match ranked_ahead.iter().position(|&id| id == c.id) {
+                Some(i) if c.id < first_record => scores[i].clone(),
                 _ => review_score(s, &p.demo, c),
             }
         });
@@ -1259,12 +1260,9 @@ fn on_two_threads<T: Send>(
 /// it, a Bundle or a file does not).
 const PARALLEL_SCORING: usize = 32;
 
-/// One record's stored and pending candidates, ranked, and its score against each (`None`:
+/// One record's score against each of its ranked stored and pending candidates (`None`:
 /// below the review threshold).
-struct Prescored {
-    ranked: Vec<i64>,
-    scores: Vec<Option<Score>>,
-}
+type Prescored = Vec<Option<Score>>;
 
 /// The real ids behind a group's pending ones: its own, allocated now, and those of the
 /// groups written before it.
