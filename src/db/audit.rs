@@ -117,21 +117,71 @@ pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
     };
     let Head { mut seq, hash } = prepared::sql(head).get_result(conn)?;
     let mut prev = hash;
-    let mut seqs = Vec::with_capacity(records.len());
+    let mut rows = Vec::with_capacity(records.len());
     for record in records {
         seq += 1;
         let hash = chain_hash(&prev, seq, record);
-        diesel::insert_into(audit_events::table)
-            .values(Row::new(seq, record, prev, hash.clone()))
-            .execute(conn)?;
+        rows.push(Row::new(seq, record, prev, hash.clone()));
         prev = hash;
-        seqs.push(seq);
     }
-    prepared::sql("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
-        .bind::<diesel::sql_types::BigInt, _>(seq)
-        .bind::<diesel::sql_types::Text, _>(&prev)
-        .execute(conn)?;
+    let seqs = rows.iter().map(|r| r.seq).collect();
+    match conn {
+        DbConn::Postgresql(pg) => append_pg(pg, &rows, seq, &prev)?,
+        DbConn::Sqlite(_) => {
+            for row in &rows {
+                diesel::insert_into(audit_events::table)
+                    .values(row)
+                    .execute(conn)?;
+            }
+            prepared::sql("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
+                .bind::<diesel::sql_types::BigInt, _>(seq)
+                .bind::<diesel::sql_types::Text, _>(&prev)
+                .execute(conn)?;
+        }
+    }
     Ok(seqs)
+}
+
+/// PostgreSQL: the records and the new head in one statement, one round trip, whatever the
+/// number of records (a column array per column: the text never varies, so it stays
+/// prepared).
+fn append_pg(pg: &mut diesel::PgConnection, rows: &[Row], seq: i64, head: &str) -> Result<()> {
+    use diesel::sql_types::{Array, BigInt, Nullable, Text};
+    type Texts = Array<Text>;
+    type MaybeTexts = Array<Nullable<Text>>;
+    fn col<'a, U>(rows: &'a [Row], f: impl Fn(&'a Row) -> U) -> Vec<U> {
+        rows.iter().map(f).collect()
+    }
+    prepared::sql(
+        "WITH chained AS (INSERT INTO audit_events (seq, recorded_at, org_id, user_id, \
+         user_role, purpose, client_addr, request_id, event_type, action, subtype, patient, \
+         entity, query, outcome, outcome_desc, prev_hash, hash, break_glass) \
+         SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)) \
+         UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+    )
+    .bind::<Array<BigInt>, _>(col(rows, |r| r.seq))
+    .bind::<Array<BigInt>, _>(col(rows, |r| r.recorded_at))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.org_id.as_deref()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.user_id.as_deref()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.user_role.as_deref()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.purpose.as_deref()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.client_addr.as_deref()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.request_id.as_deref()))
+    .bind::<Texts, _>(col(rows, |r| r.event_type.as_str()))
+    .bind::<Texts, _>(col(rows, |r| r.action.as_str()))
+    .bind::<Texts, _>(col(rows, |r| r.subtype.as_str()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.patient.as_deref()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.entity.as_deref()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.query.as_deref()))
+    .bind::<Texts, _>(col(rows, |r| r.outcome.as_str()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.outcome_desc.as_deref()))
+    .bind::<Texts, _>(col(rows, |r| r.prev_hash.as_str()))
+    .bind::<Texts, _>(col(rows, |r| r.hash.as_str()))
+    .bind::<MaybeTexts, _>(col(rows, |r| r.break_glass.as_deref()))
+    .bind::<BigInt, _>(seq)
+    .bind::<Text, _>(head)
+    .execute(pg)?;
+    Ok(())
 }
 
 /// The chain in order, `limit` records after `after_seq`.

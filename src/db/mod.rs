@@ -486,6 +486,47 @@ where
     })
 }
 
+/// Reads in one snapshot: on PostgreSQL, outside any transaction, a REPEATABLE READ, READ
+/// ONLY transaction begun in one statement (diesel's `BEGIN` and a `SET TRANSACTION` after it
+/// are two round trips); otherwise `conn.transaction` (on SQLite a transaction is a snapshot;
+/// inside another, a savepoint).
+pub fn snapshot<T, F>(conn: &mut DbConn, f: F) -> Result<T>
+where
+    F: FnOnce(&mut DbConn) -> Result<T>,
+{
+    use diesel::connection::{
+        AnsiTransactionManager, TransactionManager, TransactionManagerStatus,
+    };
+    let outermost = matches!(
+        <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
+        TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
+    );
+    let pg = match conn {
+        DbConn::Postgresql(pg) if outermost => pg,
+        _ => return conn.transaction(f),
+    };
+    AnsiTransactionManager::begin_transaction_sql(
+        pg,
+        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+    )?;
+    let read = f(conn);
+    let DbConn::Postgresql(pg) = conn else {
+        return Err(Error::internal("the connection changed backend"));
+    };
+    match read {
+        Ok(v) => {
+            AnsiTransactionManager::commit_transaction(pg)?;
+            Ok(v)
+        }
+        Err(e) => {
+            // The read's error is the one to report; a failed rollback leaves the connection
+            // marked broken, and the pool drops it.
+            let _ = AnsiTransactionManager::rollback_transaction(pg);
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1109,6 +1109,50 @@ pub fn allocate_ids(conn: &mut DbConn, table: IdTable, n: usize) -> Result<Vec<i
     }
 }
 
+/// `allocate_ids` for `records` source records and `identities` identities at once: on
+/// PostgreSQL one round trip for both sequences.
+pub fn allocate_record_and_identity_ids(
+    conn: &mut DbConn,
+    records: usize,
+    identities: usize,
+) -> Result<(Vec<i64>, Vec<i64>)> {
+    let DbConn::Postgresql(pg) = conn else {
+        return Ok((
+            allocate_ids(conn, IdTable::SourceRecords, records)?,
+            allocate_ids(conn, IdTable::Identities, identities)?,
+        ));
+    };
+    #[derive(QueryableByName)]
+    struct Allocated {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        record: bool,
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let count = |n: usize| {
+        i64::try_from(n)
+            .map_err(|_| crate::error::Error::internal("too many ids asked for".to_string()))
+    };
+    let rows: Vec<Allocated> = prepared::sql(
+        "SELECT true AS record, nextval(pg_get_serial_sequence('source_records', 'id')) AS n FROM generate_series(1, ?) \
+         UNION ALL \
+         SELECT false, nextval(pg_get_serial_sequence('identities', 'id')) FROM generate_series(1, ?)",
+    )
+    .bind::<BigInt, _>(count(records)?)
+    .bind::<BigInt, _>(count(identities)?)
+    .load(pg)?;
+    let (mut sids, mut eids) = (Vec::with_capacity(records), Vec::with_capacity(identities));
+    for r in rows {
+        match r.record {
+            true => sids.push(r.n),
+            false => eids.push(r.n),
+        }
+    }
+    sids.sort_unstable();
+    eids.sort_unstable();
+    Ok((sids, eids))
+}
+
 /// A source record written by a bulk load, with the id it was allocated.
 #[derive(Debug, Clone, Insertable)]
 #[diesel(table_name = source_records, treat_none_as_default_value = false)]
@@ -1209,64 +1253,146 @@ pub struct BulkRows {
     pub history: Vec<NewHistory>,
 }
 
-/// Inserts rows on the concrete connection (diesel's `MultiConnection` has no batch insert).
-/// PostgreSQL: one multi-row INSERT, one round trip. SQLite: one row at a time through a
-/// statement kept prepared — there is no round trip to save, and diesel parses a multi-row
-/// INSERT anew for every number of rows.
-macro_rules! multi_row {
+/// Inserts rows one at a time through a statement kept prepared (SQLite: there is no round
+/// trip to save, and diesel parses a multi-row INSERT anew for every number of rows).
+macro_rules! row_by_row {
     ($conn:expr, $table:expr, $values:expr) => {
-        match $conn {
-            DbConn::Sqlite(c) => {
-                for v in $values {
-                    diesel::insert_into($table).values(v).execute(c)?;
-                }
-            }
-            DbConn::Postgresql(c) => {
-                diesel::insert_into($table).values($values).execute(c)?;
-            }
+        for v in $values {
+            diesel::insert_into($table).values(v).execute($conn)?;
         }
     };
 }
 
 pub fn insert_bulk(conn: &mut DbConn, mut rows: BulkRows) -> Result<()> {
-    for c in rows.identities.chunks(ROWS_PER_INSERT) {
-        multi_row!(conn, identities::table, c);
-    }
-    for c in rows.sources.chunks(ROWS_PER_INSERT) {
-        multi_row!(conn, source_records::table, c);
-    }
     rows.identifiers.sort_unstable();
     rows.identifiers.dedup();
-    for c in rows.identifiers.chunks(ROWS_PER_INSERT) {
-        let values: Vec<_> = c
-            .iter()
-            .map(|(s, v, id)| {
-                (
-                    source_identifiers::system.eq(s),
-                    source_identifiers::value.eq(v),
-                    source_identifiers::source_id.eq(*id),
-                )
-            })
-            .collect();
-        multi_row!(conn, source_identifiers::table, values);
-    }
     rows.keys.sort_unstable();
     rows.keys.dedup();
-    for c in rows.keys.chunks(ROWS_PER_INSERT) {
-        let values: Vec<_> = c
-            .iter()
-            .map(|(k, id)| (blocking_keys::key.eq(k), blocking_keys::source_id.eq(*id)))
-            .collect();
-        multi_row!(conn, blocking_keys::table, values);
+    let c = match conn {
+        DbConn::Postgresql(pg) => return insert_bulk_pg(pg, &rows),
+        DbConn::Sqlite(c) => c,
+    };
+    row_by_row!(c, identities::table, &rows.identities);
+    row_by_row!(c, source_records::table, &rows.sources);
+    let identifiers = rows.identifiers.iter().map(|(s, v, id)| {
+        (
+            source_identifiers::system.eq(s),
+            source_identifiers::value.eq(v),
+            source_identifiers::source_id.eq(*id),
+        )
+    });
+    row_by_row!(c, source_identifiers::table, identifiers);
+    let keys = rows
+        .keys
+        .iter()
+        .map(|(k, id)| (blocking_keys::key.eq(k), blocking_keys::source_id.eq(*id)));
+    row_by_row!(c, blocking_keys::table, keys);
+    row_by_row!(c, match_decisions::table, &rows.decisions);
+    row_by_row!(c, match_reviews::table, &rows.reviews);
+    row_by_row!(c, identity_history::table, &rows.history);
+    Ok(())
+}
+
+/// PostgreSQL: each table in one `INSERT … SELECT FROM unnest(…)` of a column array per
+/// column. The text is the same for any number of rows, so the statement is parsed and planned
+/// once per connection (a multi-row `VALUES` list was parsed anew every time: a third of a
+/// small feed batch's statements' time), there is no limit of 65,535 binds to chunk under, and
+/// a table is one round trip.
+fn insert_bulk_pg(pg: &mut diesel::PgConnection, rows: &BulkRows) -> Result<()> {
+    use diesel::sql_types::{Array, Double, Nullable};
+    type Texts = Array<Text>;
+    type MaybeTexts = Array<Nullable<Text>>;
+    type Ints = Array<BigInt>;
+    type MaybeInts = Array<Nullable<BigInt>>;
+    fn col<'a, T: 'a, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
+        rows.iter().map(f).collect()
     }
-    for c in rows.decisions.chunks(ROWS_PER_INSERT) {
-        multi_row!(conn, match_decisions::table, c);
+    if !rows.identities.is_empty() {
+        let r = &rows.identities;
+        prepared::sql(
+            "INSERT INTO identities (id, status, merged_into, golden, created_at, updated_at) \
+             SELECT * FROM unnest(?, ?, ?, ?, ?, ?)",
+        )
+        .bind::<Ints, _>(col(r, |i| i.id))
+        .bind::<Texts, _>(col(r, |i| i.status.as_str()))
+        .bind::<MaybeInts, _>(col(r, |i| i.merged_into))
+        .bind::<Texts, _>(col(r, |i| i.golden.as_str()))
+        .bind::<Ints, _>(col(r, |i| i.created_at))
+        .bind::<Ints, _>(col(r, |i| i.updated_at))
+        .execute(pg)?;
     }
+    if !rows.sources.is_empty() {
+        let r = &rows.sources;
+        prepared::sql(
+            "INSERT INTO source_records (id, org_id, system, value, enterprise_id, status, \
+             link_kind, version, resource, family, given, family_phonetic, given_phonetic, \
+             birth_date, gender, postcode, phone, demographics, created_at, updated_at) \
+             SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind::<Ints, _>(col(r, |s| s.id))
+        .bind::<Texts, _>(col(r, |s| s.org_id.as_str()))
+        .bind::<Texts, _>(col(r, |s| s.system.as_str()))
+        .bind::<Texts, _>(col(r, |s| s.value.as_str()))
+        .bind::<Ints, _>(col(r, |s| s.enterprise_id))
+        .bind::<Texts, _>(col(r, |s| s.status.as_str()))
+        .bind::<Texts, _>(col(r, |s| s.link_kind.as_str()))
+        .bind::<Ints, _>(col(r, |s| s.version))
+        .bind::<Texts, _>(col(r, |s| s.resource.as_str()))
+        .bind::<MaybeTexts, _>(col(r, |s| s.family.as_deref()))
+        .bind::<MaybeTexts, _>(col(r, |s| s.given.as_deref()))
+        .bind::<MaybeTexts, _>(col(r, |s| s.family_phonetic.as_deref()))
+        .bind::<MaybeTexts, _>(col(r, |s| s.given_phonetic.as_deref()))
+        .bind::<MaybeTexts, _>(col(r, |s| s.birth_date.as_deref()))
+        .bind::<MaybeTexts, _>(col(r, |s| s.gender.as_deref()))
+        .bind::<MaybeTexts, _>(col(r, |s| s.postcode.as_deref()))
+        .bind::<MaybeTexts, _>(col(r, |s| s.phone.as_deref()))
+        .bind::<Texts, _>(col(r, |s| s.demographics.as_str()))
+        .bind::<Ints, _>(col(r, |s| s.created_at))
+        .bind::<Ints, _>(col(r, |s| s.updated_at))
+        .execute(pg)?;
+    }
+    if !rows.identifiers.is_empty() {
+        let r = &rows.identifiers;
+        prepared::sql(
+            "INSERT INTO source_identifiers (system, value, source_id) \
+             SELECT * FROM unnest(?, ?, ?)",
+        )
+        .bind::<Texts, _>(col(r, |i| i.0.as_str()))
+        .bind::<Texts, _>(col(r, |i| i.1.as_str()))
+        .bind::<Ints, _>(col(r, |i| i.2))
+        .execute(pg)?;
+    }
+    if !rows.keys.is_empty() {
+        let r = &rows.keys;
+        prepared::sql("INSERT INTO blocking_keys (key, source_id) SELECT * FROM unnest(?, ?)")
+            .bind::<Ints, _>(col(r, |k| k.0))
+            .bind::<Ints, _>(col(r, |k| k.1))
+            .execute(pg)?;
+    }
+    if !rows.decisions.is_empty() {
+        let r = &rows.decisions;
+        prepared::sql(
+            "INSERT INTO match_decisions (source_id, candidate_id, outcome, score, breakdown, \
+             created_at) SELECT * FROM unnest(?, ?, ?, ?, ?, ?)",
+        )
+        .bind::<Ints, _>(col(r, |d| d.source_id))
+        .bind::<MaybeInts, _>(col(r, |d| d.candidate_id))
+        .bind::<Texts, _>(col(r, |d| d.outcome.as_str()))
+        .bind::<Array<Nullable<Double>>, _>(col(r, |d| d.score))
+        .bind::<Texts, _>(col(r, |d| d.breakdown.as_str()))
+        .bind::<Ints, _>(col(r, |d| d.created_at))
+        .execute(pg)?;
+    }
+    // Rare (a review, a merge's history): multi-row statements suffice.
     for c in rows.reviews.chunks(ROWS_PER_INSERT) {
-        multi_row!(conn, match_reviews::table, c);
+        diesel::insert_into(match_reviews::table)
+            .values(c)
+            .execute(pg)?;
     }
     for c in rows.history.chunks(ROWS_PER_INSERT) {
-        multi_row!(conn, identity_history::table, c);
+        diesel::insert_into(identity_history::table)
+            .values(c)
+            .execute(pg)?;
     }
     Ok(())
 }

@@ -15,8 +15,6 @@
 //! Matching and writing are separate steps (`Matcher`, `write_group`), so that a `Pipeline`
 //! can match the next batch while the last is written; see ARCHITECTURE.md, "The pipeline".
 
-use diesel::connection::SimpleConnection;
-use diesel::Connection;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -514,15 +512,7 @@ impl ReadRequest {
             on_writer,
         } = self;
         let (results, candidates) = split_refused(prepared);
-        use diesel::connection::{TransactionManager, TransactionManagerStatus};
-        let outermost = matches!(
-            <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
-            TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
-        );
-        conn.transaction(|c| {
-            if outermost && !c.is_sqlite() {
-                c.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
-            }
+        db::snapshot(conn, |c| {
             let data_version = match on_writer && c.is_sqlite() {
                 true => Some(store::data_version(c)?),
                 false => None,
@@ -786,12 +776,12 @@ where
     A: FnOnce(&mut DbConn, &[Result<FeedResult>]) -> Result<()>,
 {
     let now = crate::time::now_micros();
-    let sids = match pipe {
+    // The records' ids and their new people's, in one round trip on PostgreSQL.
+    let (records, people) = (m.decided.len(), m.new_identities);
+    let ids = match pipe {
         // Matched in this transaction: nothing can have changed.
-        None => Some(store::allocate_ids(
-            conn,
-            IdTable::SourceRecords,
-            m.decided.len(),
+        None => Some(store::allocate_record_and_identity_ids(
+            conn, records, people,
         )?),
         Some(p) => match written.newest_of(&m.depends_on) {
             Some(newest)
@@ -803,15 +793,15 @@ where
                 // The ids continue from the newest record the group was matched with: no
                 // record was added by anyone else since.
                 let newest = newest.max(m.newest_record);
-                let sids = store::allocate_ids(conn, IdTable::SourceRecords, m.decided.len())?;
+                let (sids, eids) = store::allocate_record_and_identity_ids(conn, records, people)?;
                 sids.first()
                     .is_none_or(|first| *first == newest + 1)
-                    .then_some(sids)
+                    .then_some((sids, eids))
             }
             _ => None,
         },
     };
-    let Some(sids) = sids else {
+    let Some((sids, eids)) = ids else {
         return redecide(conn, s, written, m, audit);
     };
     if let Some(p) = pipe {
@@ -826,10 +816,8 @@ where
         online_unseen,
         first_record,
         first_identity,
-        new_identities,
         ..
     } = m;
-    let eids = store::allocate_ids(conn, IdTable::Identities, new_identities)?;
     let ids = Ids {
         first_record,
         sids: &sids,
