@@ -1349,6 +1349,54 @@ async fn concurrent_feeds_are_answered_one_by_one(backend: Backend) {
 }
 on_both_backends!(concurrent_feeds_are_answered_one_by_one);
 
+/// PostgreSQL drops every connection of the broker (a restart, a failover, an operator's
+/// `pg_terminate_backend`) between two rounds of concurrent feeds: the connections the feed
+/// keeps between batches are dead, yet every request of the next round is answered, and the
+/// audit chain holds every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_survives_postgresql_dropping_its_connections() {
+    use diesel::{Connection, RunQueryDsl};
+    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+        return;
+    };
+    // The broker's connections carry a name of their own, so that only they are dropped.
+    let tag = format!("hie_drop_{}", std::process::id());
+    let r = region(&Backend::Postgres(format!("{url}&application_name={tag}")));
+    let round = |from: usize| {
+        let (r, ex) = (&r, &r.ex);
+        futures_util::future::join_all((from..from + 8).map(move |i| async move {
+            let mrn = format!("D-{i}");
+            let body = patient(
+                HOSP,
+                &mrn,
+                &format!("Given{i}"),
+                "Dropped",
+                "1980-02-03",
+                &format!("{i} Restart Rd"),
+                "44444",
+                None,
+            );
+            put(&r.hospital, ex, HOSP, &mrn, &body).await
+        }))
+    };
+    for (status, body, _) in round(0).await {
+        assert!(status == 200 || status == 201, "{status} {body}");
+    }
+    let mut admin = diesel::PgConnection::establish(&url).expect("postgres");
+    let dropped = diesel::sql_query(format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{tag}'"
+    ))
+    .execute(&mut admin)
+    .expect("terminate");
+    assert!(dropped > 0, "the broker holds no connection to drop");
+    for (status, body, _) in round(8).await {
+        assert!(status == 200 || status == 201, "{status} {body}");
+    }
+    let (g, ..) = grouping(&r.ex);
+    assert_eq!(g.iter().map(Vec::len).sum::<usize>(), 16, "{g:?}");
+    assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
+}
+
 /// A database of `backend` opened in-process, with hospital A and `n` synthetic patients fed
 /// through the real matching path, then `extra` Patients (which carry `MRN-n`, `MRN-n+1`…).
 fn loaded_db(

@@ -145,6 +145,41 @@ pub struct Db {
     /// Counts writes (`write`) as they start and as they finish: what the identity feed's
     /// matching compares to know that nothing else wrote while it matched.
     writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// PostgreSQL: the connections the identity feed's matcher and writer keep between
+    /// batches (`Kept`).
+    kept: std::sync::Arc<[Kept; 2]>,
+}
+
+/// A pool connection kept between one busy loop's database calls, so that each call does not
+/// check a connection out again: a checkout tests the connection with a round trip of its own
+/// (two of a small feed batch's ~20). Kept only after a call that succeeded, and for a short
+/// while: an unused one goes back to the pool (`Db::release_kept`), and one that failed is
+/// returned at once, to be tested at its next checkout.
+#[derive(Default)]
+struct Kept(std::sync::Mutex<Option<(PooledConn, std::time::Instant)>>);
+
+/// How long a kept connection is used without a test.
+pub const KEEP_FOR: Duration = Duration::from_secs(1);
+
+impl Kept {
+    fn take(&self) -> Option<PooledConn> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        slot.take()
+            .filter(|(_, at)| at.elapsed() < KEEP_FOR)
+            .map(|(c, _)| c)
+    }
+
+    fn keep(&self, conn: PooledConn) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *slot = Some((conn, std::time::Instant::now()));
+    }
+}
+
+/// Which of the feed's loops a kept connection serves.
+#[derive(Clone, Copy)]
+enum Keeper {
+    Matcher = 0,
+    Writer = 1,
 }
 
 /// How often the SQLite checkpointer copies the write-ahead log into the database file.
@@ -262,6 +297,7 @@ impl Db {
             writer,
             _alive: alive,
             writes: Default::default(),
+            kept: Default::default(),
         })
     }
 
@@ -271,6 +307,36 @@ impl Db {
 
     pub fn get(&self) -> Result<PooledConn> {
         Ok(self.pool.get()?)
+    }
+
+    /// `run` on the connection `keeper` kept from its last call, if it is fresh.
+    async fn run_kept<T, F>(&self, keeper: Keeper, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (pool, kept) = (self.pool.clone(), std::sync::Arc::clone(&self.kept));
+        tokio::task::spawn_blocking(move || {
+            let slot = &kept[keeper as usize];
+            let mut conn = match slot.take() {
+                Some(c) => c,
+                None => pool.get()?,
+            };
+            let r = f(&mut conn);
+            if r.is_ok() {
+                slot.keep(conn);
+            }
+            r
+        })
+        .await
+        .map_err(|e| Error::internal(format!("database task failed: {e}")))?
+    }
+
+    /// Returns the connections the identity feed kept to the pool (it has been idle).
+    pub fn release_kept(&self) {
+        for k in self.kept.iter() {
+            k.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 
     /// Runs blocking database work off the async executor.
@@ -298,7 +364,7 @@ impl Db {
     {
         use std::sync::atomic::Ordering;
         self.writes.fetch_add(1, Ordering::SeqCst);
-        let r = self.write_uncounted(f).await;
+        let r = self.write_on(None, f).await;
         self.writes.fetch_add(1, Ordering::SeqCst);
         r
     }
@@ -309,14 +375,26 @@ impl Db {
     }
 
     /// `write` without counting it: for the identity feed's own pipelined writes, which check
-    /// themselves what they were matched against.
+    /// themselves what they were matched against. On PostgreSQL, on the connection the feed's
+    /// writer keeps (`Kept`).
     pub async fn write_uncounted<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
+        self.write_on(Some(Keeper::Writer), f).await
+    }
+
+    async fn write_on<T, F>(&self, keeper: Option<Keeper>, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
         let Some(writer) = &self.writer else {
-            return self.run(move |c| c.transaction(f)).await;
+            return match keeper {
+                Some(k) => self.run_kept(k, move |c| c.transaction(f)).await,
+                None => self.run(move |c| c.transaction(f)).await,
+            };
         };
         let (answer, wait) = tokio::sync::oneshot::channel::<Result<T>>();
         let job: WriteJob = Box::new(move |conn| {
@@ -339,7 +417,8 @@ impl Db {
     /// submitted and answered as soon as it ran — it writes nothing, so waits for no commit.
     /// It may see writes of its group that are not committed yet: for callers that check
     /// what they read against `writes` (the identity feed's matcher). On PostgreSQL, a read
-    /// on the pool. The job is queued before this returns; await the answer.
+    /// on the connection the feed's matcher keeps (`Kept`). The job is queued before this
+    /// returns; await the answer.
     pub fn read_on_writer<T, F>(
         &self,
         f: F,
@@ -362,7 +441,7 @@ impl Db {
             None => {
                 let db = self.clone();
                 tokio::spawn(async move {
-                    let _ = answer.send(db.run(f).await);
+                    let _ = answer.send(db.run_kept(Keeper::Matcher, f).await);
                 });
             }
         }

@@ -1293,11 +1293,12 @@ pub fn insert_bulk(conn: &mut DbConn, mut rows: BulkRows) -> Result<()> {
     Ok(())
 }
 
-/// PostgreSQL: each table in one `INSERT … SELECT FROM unnest(…)` of a column array per
-/// column. The text is the same for any number of rows, so the statement is parsed and planned
-/// once per connection (a multi-row `VALUES` list was parsed anew every time: a third of a
-/// small feed batch's statements' time), there is no limit of 65,535 binds to chunk under, and
-/// a table is one round trip.
+/// PostgreSQL: the rows of every table in one statement, one round trip: an `INSERT … SELECT
+/// FROM unnest(…)` per table, of a column array per column, the first four as data-modifying
+/// `WITH` parts (their foreign keys are checked at the statement's end, all rows in). The text
+/// is the same for any number of rows (none included), so it is parsed and planned once per
+/// connection — a multi-row `VALUES` list per table was parsed anew every time, a third of a
+/// small feed batch's statement time — and there is no limit of 65,535 binds to chunk under.
 fn insert_bulk_pg(pg: &mut diesel::PgConnection, rows: &BulkRows) -> Result<()> {
     use diesel::sql_types::{Array, Double, Nullable};
     type Texts = Array<Text>;
@@ -1307,82 +1308,64 @@ fn insert_bulk_pg(pg: &mut diesel::PgConnection, rows: &BulkRows) -> Result<()> 
     fn col<'a, T: 'a, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
         rows.iter().map(f).collect()
     }
-    if !rows.identities.is_empty() {
-        let r = &rows.identities;
-        prepared::sql(
-            "INSERT INTO identities (id, status, merged_into, golden, created_at, updated_at) \
-             SELECT * FROM unnest(?, ?, ?, ?, ?, ?)",
-        )
-        .bind::<Ints, _>(col(r, |i| i.id))
-        .bind::<Texts, _>(col(r, |i| i.status.as_str()))
-        .bind::<MaybeInts, _>(col(r, |i| i.merged_into))
-        .bind::<Texts, _>(col(r, |i| i.golden.as_str()))
-        .bind::<Ints, _>(col(r, |i| i.created_at))
-        .bind::<Ints, _>(col(r, |i| i.updated_at))
-        .execute(pg)?;
-    }
-    if !rows.sources.is_empty() {
-        let r = &rows.sources;
-        prepared::sql(
-            "INSERT INTO source_records (id, org_id, system, value, enterprise_id, status, \
-             link_kind, version, resource, family, given, family_phonetic, given_phonetic, \
-             birth_date, gender, postcode, phone, demographics, created_at, updated_at) \
-             SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind::<Ints, _>(col(r, |s| s.id))
-        .bind::<Texts, _>(col(r, |s| s.org_id.as_str()))
-        .bind::<Texts, _>(col(r, |s| s.system.as_str()))
-        .bind::<Texts, _>(col(r, |s| s.value.as_str()))
-        .bind::<Ints, _>(col(r, |s| s.enterprise_id))
-        .bind::<Texts, _>(col(r, |s| s.status.as_str()))
-        .bind::<Texts, _>(col(r, |s| s.link_kind.as_str()))
-        .bind::<Ints, _>(col(r, |s| s.version))
-        .bind::<Texts, _>(col(r, |s| s.resource.as_str()))
-        .bind::<MaybeTexts, _>(col(r, |s| s.family.as_deref()))
-        .bind::<MaybeTexts, _>(col(r, |s| s.given.as_deref()))
-        .bind::<MaybeTexts, _>(col(r, |s| s.family_phonetic.as_deref()))
-        .bind::<MaybeTexts, _>(col(r, |s| s.given_phonetic.as_deref()))
-        .bind::<MaybeTexts, _>(col(r, |s| s.birth_date.as_deref()))
-        .bind::<MaybeTexts, _>(col(r, |s| s.gender.as_deref()))
-        .bind::<MaybeTexts, _>(col(r, |s| s.postcode.as_deref()))
-        .bind::<MaybeTexts, _>(col(r, |s| s.phone.as_deref()))
-        .bind::<Texts, _>(col(r, |s| s.demographics.as_str()))
-        .bind::<Ints, _>(col(r, |s| s.created_at))
-        .bind::<Ints, _>(col(r, |s| s.updated_at))
-        .execute(pg)?;
-    }
-    if !rows.identifiers.is_empty() {
-        let r = &rows.identifiers;
-        prepared::sql(
-            "INSERT INTO source_identifiers (system, value, source_id) \
-             SELECT * FROM unnest(?, ?, ?)",
-        )
-        .bind::<Texts, _>(col(r, |i| i.0.as_str()))
-        .bind::<Texts, _>(col(r, |i| i.1.as_str()))
-        .bind::<Ints, _>(col(r, |i| i.2))
-        .execute(pg)?;
-    }
-    if !rows.keys.is_empty() {
-        let r = &rows.keys;
-        prepared::sql("INSERT INTO blocking_keys (key, source_id) SELECT * FROM unnest(?, ?)")
-            .bind::<Ints, _>(col(r, |k| k.0))
-            .bind::<Ints, _>(col(r, |k| k.1))
-            .execute(pg)?;
-    }
-    if !rows.decisions.is_empty() {
-        let r = &rows.decisions;
-        prepared::sql(
-            "INSERT INTO match_decisions (source_id, candidate_id, outcome, score, breakdown, \
-             created_at) SELECT * FROM unnest(?, ?, ?, ?, ?, ?)",
-        )
-        .bind::<Ints, _>(col(r, |d| d.source_id))
-        .bind::<MaybeInts, _>(col(r, |d| d.candidate_id))
-        .bind::<Texts, _>(col(r, |d| d.outcome.as_str()))
-        .bind::<Array<Nullable<Double>>, _>(col(r, |d| d.score))
-        .bind::<Texts, _>(col(r, |d| d.breakdown.as_str()))
-        .bind::<Ints, _>(col(r, |d| d.created_at))
-        .execute(pg)?;
-    }
+    let (i, s, n, k, d) = (
+        &rows.identities,
+        &rows.sources,
+        &rows.identifiers,
+        &rows.keys,
+        &rows.decisions,
+    );
+    prepared::sql(
+        "WITH i AS (INSERT INTO identities (id, status, merged_into, golden, created_at, \
+         updated_at) SELECT * FROM unnest(?, ?, ?, ?, ?, ?)), \
+         s AS (INSERT INTO source_records (id, org_id, system, value, enterprise_id, status, \
+         link_kind, version, resource, family, given, family_phonetic, given_phonetic, \
+         birth_date, gender, postcode, phone, demographics, created_at, updated_at) \
+         SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)), \
+         n AS (INSERT INTO source_identifiers (system, value, source_id) \
+         SELECT * FROM unnest(?, ?, ?)), \
+         k AS (INSERT INTO blocking_keys (key, source_id) SELECT * FROM unnest(?, ?)) \
+         INSERT INTO match_decisions (source_id, candidate_id, outcome, score, breakdown, \
+         created_at) SELECT * FROM unnest(?, ?, ?, ?, ?, ?)",
+    )
+    .bind::<Ints, _>(col(i, |i| i.id))
+    .bind::<Texts, _>(col(i, |i| i.status.as_str()))
+    .bind::<MaybeInts, _>(col(i, |i| i.merged_into))
+    .bind::<Texts, _>(col(i, |i| i.golden.as_str()))
+    .bind::<Ints, _>(col(i, |i| i.created_at))
+    .bind::<Ints, _>(col(i, |i| i.updated_at))
+    .bind::<Ints, _>(col(s, |s| s.id))
+    .bind::<Texts, _>(col(s, |s| s.org_id.as_str()))
+    .bind::<Texts, _>(col(s, |s| s.system.as_str()))
+    .bind::<Texts, _>(col(s, |s| s.value.as_str()))
+    .bind::<Ints, _>(col(s, |s| s.enterprise_id))
+    .bind::<Texts, _>(col(s, |s| s.status.as_str()))
+    .bind::<Texts, _>(col(s, |s| s.link_kind.as_str()))
+    .bind::<Ints, _>(col(s, |s| s.version))
+    .bind::<Texts, _>(col(s, |s| s.resource.as_str()))
+    .bind::<MaybeTexts, _>(col(s, |s| s.family.as_deref()))
+    .bind::<MaybeTexts, _>(col(s, |s| s.given.as_deref()))
+    .bind::<MaybeTexts, _>(col(s, |s| s.family_phonetic.as_deref()))
+    .bind::<MaybeTexts, _>(col(s, |s| s.given_phonetic.as_deref()))
+    .bind::<MaybeTexts, _>(col(s, |s| s.birth_date.as_deref()))
+    .bind::<MaybeTexts, _>(col(s, |s| s.gender.as_deref()))
+    .bind::<MaybeTexts, _>(col(s, |s| s.postcode.as_deref()))
+    .bind::<MaybeTexts, _>(col(s, |s| s.phone.as_deref()))
+    .bind::<Texts, _>(col(s, |s| s.demographics.as_str()))
+    .bind::<Ints, _>(col(s, |s| s.created_at))
+    .bind::<Ints, _>(col(s, |s| s.updated_at))
+    .bind::<Texts, _>(col(n, |n| n.0.as_str()))
+    .bind::<Texts, _>(col(n, |n| n.1.as_str()))
+    .bind::<Ints, _>(col(n, |n| n.2))
+    .bind::<Ints, _>(col(k, |k| k.0))
+    .bind::<Ints, _>(col(k, |k| k.1))
+    .bind::<Ints, _>(col(d, |d| d.source_id))
+    .bind::<MaybeInts, _>(col(d, |d| d.candidate_id))
+    .bind::<Texts, _>(col(d, |d| d.outcome.as_str()))
+    .bind::<Array<Nullable<Double>>, _>(col(d, |d| d.score))
+    .bind::<Texts, _>(col(d, |d| d.breakdown.as_str()))
+    .bind::<Ints, _>(col(d, |d| d.created_at))
+    .execute(pg)?;
     // Rare (a review, a merge's history): multi-row statements suffice.
     for c in rows.reviews.chunks(ROWS_PER_INSERT) {
         diesel::insert_into(match_reviews::table)

@@ -280,12 +280,23 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Work>,
 ) {
     let mut written = Written::default();
-    while let Some(Work {
-        jobs,
-        answers,
-        matched,
-    }) = rx.recv().await
-    {
+    loop {
+        let next = match tokio::time::timeout(db::KEEP_FOR, rx.recv()).await {
+            Ok(next) => next,
+            // Idle: the connections kept for the feed go back to the pool.
+            Err(_) => {
+                db.release_kept();
+                rx.recv().await
+            }
+        };
+        let Some(Work {
+            jobs,
+            answers,
+            matched,
+        }) = next
+        else {
+            return;
+        };
         let last = matched
             .as_ref()
             .and_then(|g| g.last().map(|(m, _)| m.group()));
