@@ -392,7 +392,10 @@ impl Db {
     {
         let Some(writer) = &self.writer else {
             return match keeper {
-                Some(k) => self.run_kept(k, move |c| c.transaction(f)).await,
+                Some(k) => {
+                    self.run_kept(k, move |c| feed_transaction(c, "READ COMMITTED", f))
+                        .await
+                }
                 None => self.run(move |c| c.transaction(f)).await,
             };
         };
@@ -566,10 +569,24 @@ where
 }
 
 /// Reads in one snapshot: on PostgreSQL, outside any transaction, a REPEATABLE READ, READ
-/// ONLY transaction begun in one statement (diesel's `BEGIN` and a `SET TRANSACTION` after it
-/// are two round trips); otherwise `conn.transaction` (on SQLite a transaction is a snapshot;
-/// inside another, a savepoint).
+/// ONLY transaction begun in the same round trip as its settings (`feed_transaction`);
+/// otherwise `conn.transaction` (on SQLite a transaction is a snapshot; inside another, a
+/// savepoint). For the identity feed's matcher.
 pub fn snapshot<T, F>(conn: &mut DbConn, f: F) -> Result<T>
+where
+    F: FnOnce(&mut DbConn) -> Result<T>,
+{
+    feed_transaction(conn, "REPEATABLE READ, READ ONLY", f)
+}
+
+/// A transaction of the identity feed's (`isolation`: PostgreSQL's mode, after `BEGIN
+/// ISOLATION LEVEL`). On PostgreSQL, outside any transaction, it is begun and set up in one
+/// round trip — diesel's `BEGIN` and a `SET TRANSACTION` after it were two — and its statements
+/// run on generic plans: they are index lookups and inserts by arrays of ids and keys, which a
+/// plan made anew for each call's values (PostgreSQL's choice for `= ANY($1)` and `unnest`)
+/// does not improve; that planning was a sixth of a small feed batch's time in the database.
+/// Otherwise `conn.transaction`.
+pub fn feed_transaction<T, F>(conn: &mut DbConn, isolation: &str, f: F) -> Result<T>
 where
     F: FnOnce(&mut DbConn) -> Result<T>,
 {
@@ -586,20 +603,22 @@ where
     };
     AnsiTransactionManager::begin_transaction_sql(
         pg,
-        "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+        &format!(
+            "BEGIN ISOLATION LEVEL {isolation}; SET LOCAL plan_cache_mode = force_generic_plan"
+        ),
     )?;
-    let read = f(conn);
+    let done = f(conn);
     let DbConn::Postgresql(pg) = conn else {
         return Err(Error::internal("the connection changed backend"));
     };
-    match read {
+    match done {
         Ok(v) => {
             AnsiTransactionManager::commit_transaction(pg)?;
             Ok(v)
         }
         Err(e) => {
-            // The read's error is the one to report; a failed rollback leaves the connection
-            // marked broken, and the pool drops it.
+            // The work's error is the one to report; a failed rollback leaves the connection
+            // marked broken, and it is not kept.
             let _ = AnsiTransactionManager::rollback_transaction(pg);
             Err(e)
         }
