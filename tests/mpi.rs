@@ -1340,6 +1340,15 @@ async fn concurrent_feeds_are_answered_one_by_one(backend: Backend) {
         assert!(*status == 200 || *status == 201, "{status} {body}");
         assert!(outcome.contains("ent-"), "{outcome}");
     }
+    // Each answer is the record as stored (a batch answers new records with the rows it wrote).
+    // (C-1, sent twice, may have been updated after its first answer.)
+    for (i, (_, body, _)) in results.iter().enumerate().filter(|(i, _)| *i != 1) {
+        let client = if i % 2 == 0 { &r.hospital } else { &r.lab };
+        let id = body["id"].as_str().expect("the answer names its record");
+        let (status, read) = get(client, &ex.url(&format!("Patient/{id}")), "TREAT").await;
+        assert_eq!(status, 200, "{read}");
+        assert_eq!(&read, body);
+    }
     assert_eq!(refused.0, 403, "{}", refused.1);
     assert!(again.0 == 200 || again.0 == 201, "{} {}", again.0, again.1);
     let (g, ..) = grouping(&r.ex);
@@ -1348,6 +1357,40 @@ async fn concurrent_feeds_are_answered_one_by_one(backend: Backend) {
     assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
 }
 on_both_backends!(concurrent_feeds_are_answered_one_by_one);
+
+/// Another process (the `hie` command) appends to the audit chain between the broker's feed
+/// writes: the broker's guess of the chain's head is then stale, and its next append must
+/// notice and chain after the other's records, not fork the chain.
+async fn the_audit_chain_stays_linear_when_another_process_appends(backend: Backend) {
+    let r = region(&backend);
+    for i in 0..3 {
+        let mrn = format!("A-{i}");
+        let body = patient(
+            HOSP,
+            &mrn,
+            "Ines",
+            &format!("Chained{i}"),
+            "1972-03-04",
+            "9 Ledger Rd",
+            "40404",
+            None,
+        );
+        let (status, body, _) = put(&r.hospital, &r.ex, HOSP, &mrn, &body).await;
+        assert_eq!(status, 201, "{body}");
+        // Enrolling a member is audited by the `hie` process itself.
+        r.ex.enroll(&format!("clinic-{i}"), "clinic", &[]);
+    }
+    let verified = r.ex.hie_ok(&["audit", "verify"]);
+    assert!(verified.contains("intact"), "{verified}");
+    let (_, trail) = get(
+        &r.ops,
+        &r.ex.url("AuditEvent?subtype=patient-feed&_count=100"),
+        "HOPERAT",
+    )
+    .await;
+    assert_eq!(trail["entry"].as_array().map(Vec::len), Some(3), "{trail}");
+}
+on_both_backends!(the_audit_chain_stays_linear_when_another_process_appends);
 
 /// PostgreSQL drops every connection of the broker (a restart, a failover, an operator's
 /// `pg_terminate_backend`) between two rounds of concurrent feeds: the connections the feed

@@ -95,10 +95,44 @@ pub fn lock_head(conn: &mut DbConn) -> Result<()> {
     Ok(())
 }
 
+/// PostgreSQL: the head this process last appended or read, the next append's guess. A
+/// guess that holds saves the round trip that locks and reads the head; one that does not
+/// (another connection or process appended since, or the transaction that wrote it rolled
+/// back) changes nothing, and the append locks and reads the head as it would have.
+static GUESS: std::sync::Mutex<Option<(i64, String)>> = std::sync::Mutex::new(None);
+
+fn guess() -> std::sync::MutexGuard<'static, Option<(i64, String)>> {
+    GUESS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The records chained after the head `(seq, hash)`; the new head.
+fn chain(mut seq: i64, hash: String, records: &[AuditRecord]) -> (Vec<Row>, i64, String) {
+    let mut prev = hash;
+    let mut rows = Vec::with_capacity(records.len());
+    for record in records {
+        seq += 1;
+        let hash = chain_hash(&prev, seq, record);
+        rows.push(Row::new(seq, record, prev, hash.clone()));
+        prev = hash;
+    }
+    (rows, seq, prev)
+}
+
 /// Appends records to the chain; call inside a transaction. Returns their sequence numbers.
 pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
     if records.is_empty() {
         return Ok(Vec::new());
+    }
+    let seqs = |rows: &[Row]| rows.iter().map(|r| r.seq).collect();
+    if let DbConn::Postgresql(pg) = conn {
+        let guessed = guess().clone();
+        if let Some((seq, hash)) = guessed {
+            let (rows, new_seq, new_hash) = chain(seq, hash.clone(), records);
+            if append_pg(pg, &rows, (seq, &hash), new_seq, &new_hash)? {
+                *guess() = Some((new_seq, new_hash));
+                return Ok(seqs(&rows));
+            }
+        }
     }
     // The head, locked and read in one statement kept prepared (`db::prepared`): on
     // PostgreSQL a `SELECT … FOR UPDATE`; SQLite has no row locks, so there a write takes the
@@ -115,18 +149,17 @@ pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
     } else {
         "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
     };
-    let Head { mut seq, hash } = prepared::sql(head).get_result(conn)?;
-    let mut prev = hash;
-    let mut rows = Vec::with_capacity(records.len());
-    for record in records {
-        seq += 1;
-        let hash = chain_hash(&prev, seq, record);
-        rows.push(Row::new(seq, record, prev, hash.clone()));
-        prev = hash;
-    }
-    let seqs = rows.iter().map(|r| r.seq).collect();
+    let Head { seq, hash } = prepared::sql(head).get_result(conn)?;
+    let (rows, new_seq, new_hash) = chain(seq, hash.clone(), records);
     match conn {
-        DbConn::Postgresql(pg) => append_pg(pg, &rows, seq, &prev)?,
+        DbConn::Postgresql(pg) => {
+            if !append_pg(pg, &rows, (seq, &hash), new_seq, &new_hash)? {
+                return Err(crate::error::Error::internal(
+                    "the audit chain's head moved while locked",
+                ));
+            }
+            *guess() = Some((new_seq, new_hash));
+        }
         DbConn::Sqlite(_) => {
             for row in &rows {
                 diesel::insert_into(audit_events::table)
@@ -134,31 +167,43 @@ pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
                     .execute(conn)?;
             }
             prepared::sql("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
-                .bind::<diesel::sql_types::BigInt, _>(seq)
-                .bind::<diesel::sql_types::Text, _>(&prev)
+                .bind::<diesel::sql_types::BigInt, _>(new_seq)
+                .bind::<diesel::sql_types::Text, _>(&new_hash)
                 .execute(conn)?;
         }
     }
-    Ok(seqs)
+    Ok(seqs(&rows))
 }
 
 /// PostgreSQL: the records and the new head in one statement, one round trip, whatever the
 /// number of records (a column array per column: the text never varies, so it stays
-/// prepared).
-fn append_pg(pg: &mut diesel::PgConnection, rows: &[Row], seq: i64, head: &str) -> Result<()> {
+/// prepared) — if the head is still `after`, which the statement locks and checks first
+/// (read committed: a head another transaction moved is checked as it is now). Returns
+/// whether it was, and so whether anything was written.
+fn append_pg(
+    pg: &mut diesel::PgConnection,
+    rows: &[Row],
+    after: (i64, &str),
+    seq: i64,
+    head: &str,
+) -> Result<bool> {
     use diesel::sql_types::{Array, BigInt, Nullable, Text};
     type Texts = Array<Text>;
     type MaybeTexts = Array<Nullable<Text>>;
     fn col<'a, U>(rows: &'a [Row], f: impl Fn(&'a Row) -> U) -> Vec<U> {
         rows.iter().map(f).collect()
     }
-    prepared::sql(
-        "WITH chained AS (INSERT INTO audit_events (seq, recorded_at, org_id, user_id, \
+    let updated = prepared::sql(
+        "WITH head AS (SELECT 1 FROM audit_head WHERE id = 1 AND seq = ? AND hash = ? FOR UPDATE), \
+         chained AS (INSERT INTO audit_events (seq, recorded_at, org_id, user_id, \
          user_role, purpose, client_addr, request_id, event_type, action, subtype, patient, \
          entity, query, outcome, outcome_desc, prev_hash, hash, break_glass) \
-         SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)) \
-         UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1",
+         SELECT * FROM unnest(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         WHERE EXISTS (SELECT 1 FROM head)) \
+         UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1 AND EXISTS (SELECT 1 FROM head)",
     )
+    .bind::<BigInt, _>(after.0)
+    .bind::<Text, _>(after.1)
     .bind::<Array<BigInt>, _>(col(rows, |r| r.seq))
     .bind::<Array<BigInt>, _>(col(rows, |r| r.recorded_at))
     .bind::<MaybeTexts, _>(col(rows, |r| r.org_id.as_deref()))
@@ -181,7 +226,7 @@ fn append_pg(pg: &mut diesel::PgConnection, rows: &[Row], seq: i64, head: &str) 
     .bind::<BigInt, _>(seq)
     .bind::<Text, _>(head)
     .execute(pg)?;
-    Ok(())
+    Ok(updated == 1)
 }
 
 /// The chain in order, `limit` records after `after_seq`.

@@ -933,6 +933,67 @@ pub fn existing_values(
     Ok(out)
 }
 
+/// What matching a feed batch reads first: the newest record's id, which of the batch's
+/// identifier values are stored, and the records filed under each of its keys.
+pub struct FirstReads {
+    pub newest: i64,
+    pub existing: HashSet<String>,
+    pub hits: Vec<(KeyId, i64)>,
+}
+
+/// PostgreSQL: `FirstReads` in one statement — one snapshot, one round trip (three before; a
+/// small feed batch's reads are mostly round trips). For at most `VALUES_PER_LOOKUP` values
+/// and keys, else None: an import's batches read as before.
+pub fn first_reads(
+    conn: &mut DbConn,
+    system: &str,
+    values: &[&str],
+    keys: &[KeyId],
+) -> Result<Option<FirstReads>> {
+    let DbConn::Postgresql(pg) = conn else {
+        return Ok(None);
+    };
+    if values.len() > VALUES_PER_LOOKUP || keys.len() > VALUES_PER_LOOKUP {
+        return Ok(None);
+    }
+    #[derive(QueryableByName)]
+    struct Read {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        kind: i32,
+        #[diesel(sql_type = BigInt)]
+        a: i64,
+        #[diesel(sql_type = BigInt)]
+        b: i64,
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        v: Option<String>,
+    }
+    let rows: Vec<Read> = prepared::sql(
+        "SELECT 0 AS kind, COALESCE(MAX(id), 0) AS a, 0::bigint AS b, NULL::text AS v \
+         FROM source_records \
+         UNION ALL SELECT 1, 0, 0, value FROM source_records WHERE system = ? AND value = ANY(?) \
+         UNION ALL SELECT 2, key, source_id, NULL FROM blocking_keys WHERE key = ANY(?)",
+    )
+    .bind::<Text, _>(system)
+    .bind::<diesel::sql_types::Array<Text>, _>(values)
+    .bind::<diesel::sql_types::Array<BigInt>, _>(keys)
+    .load(pg)?;
+    let mut out = FirstReads {
+        newest: 0,
+        existing: HashSet::new(),
+        hits: Vec::with_capacity(rows.len()),
+    };
+    for r in rows {
+        match (r.kind, r.v) {
+            (0, _) => out.newest = r.a,
+            (1, Some(v)) => {
+                out.existing.insert(v);
+            }
+            _ => out.hits.push((r.a, r.b)),
+        }
+    }
+    Ok(Some(out))
+}
+
 /// (position in `keys`, source id) of every record filed under one of `keys`. On SQLite the
 /// keys go in as one JSON array and come back as their positions: a batch's lookup returns
 /// millions of rows at 1M patients.
@@ -1177,6 +1238,36 @@ pub struct NewSource {
     pub demographics: String,
     pub created_at: i64,
     pub updated_at: i64,
+}
+
+impl NewSource {
+    /// The row as stored once inserted (no consent restrictions of its own).
+    pub fn stored(&self) -> SourceRow {
+        SourceRow {
+            id: self.id,
+            org_id: self.org_id.clone(),
+            system: self.system.clone(),
+            value: self.value.clone(),
+            enterprise_id: self.enterprise_id,
+            status: self.status.clone(),
+            replaced_by: None,
+            link_kind: self.link_kind.clone(),
+            version: self.version,
+            resource: self.resource.clone(),
+            family: self.family.clone(),
+            given: self.given.clone(),
+            family_phonetic: self.family_phonetic.clone(),
+            given_phonetic: self.given_phonetic.clone(),
+            birth_date: self.birth_date.clone(),
+            gender: self.gender.clone(),
+            postcode: self.postcode.clone(),
+            phone: self.phone.clone(),
+            demographics: self.demographics.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            consent_hides: String::new(),
+        }
+    }
 }
 
 /// A decision of a bulk load.

@@ -241,11 +241,20 @@ pub struct Matched {
     newest_record: i64,
     /// SQLite's `data_version` of the writer's connection when it read for the group.
     data_version: Option<i64>,
+    /// Each new record's result carries its row as written (`FeedResult::stored`): the HTTP
+    /// feed answers with it instead of reading it back.
+    rows: bool,
 }
 
 impl Matched {
     pub fn group(&self) -> u64 {
         self.group
+    }
+
+    /// Asks for each new record's row in its result (`FeedResult::stored`).
+    pub fn with_rows(mut self) -> Matched {
+        self.rows = true;
+        self
     }
 }
 
@@ -420,6 +429,7 @@ impl Matcher {
             generation,
             newest_record,
             data_version,
+            rows: false,
         }
     }
 
@@ -450,6 +460,7 @@ impl Matcher {
             generation: 0,
             newest_record: 0,
             data_version: None,
+            rows: false,
         }
     }
 
@@ -517,15 +528,37 @@ impl ReadRequest {
                 true => Some(store::data_version(c)?),
                 false => None,
             };
-            let newest_record = store::newest_id(c, IdTable::SourceRecords)?;
+            // A feed batch of one identifier system: its first reads in one round trip.
+            let first = match candidates.first() {
+                Some((_, p0)) if candidates.iter().all(|(_, p)| p.system == p0.system) => {
+                    let values: Vec<&str> =
+                        candidates.iter().map(|(_, p)| p.value.as_str()).collect();
+                    let mut keys: Vec<KeyId> = candidates
+                        .iter()
+                        .flat_map(|(_, p)| p.keys.iter().copied())
+                        .collect();
+                    keys.sort_unstable();
+                    keys.dedup();
+                    store::first_reads(c, &p0.system, &values, &keys)?
+                }
+                _ => None,
+            };
+            let newest_record = match &first {
+                Some(f) => f.newest,
+                None => store::newest_id(c, IdTable::SourceRecords)?,
+            };
             // Records of groups both pending here and already in the snapshot: the pending
             // copy stands (their real ids were published before the commit).
             let shadow = match pipe {
                 Some(p) => p.published(pending.iter().map(|g| g.group)),
                 None => HashSet::new(),
             };
-            let (fresh, online) = split_new(c, &pending, candidates)?;
-            let gathered = gather(c, s, fresh, &pending, &shadow)?;
+            let (existing, hits) = match first {
+                Some(f) => (Some(f.existing), Some(f.hits)),
+                None => (None, None),
+            };
+            let (fresh, online) = split_new(c, &pending, candidates, existing)?;
+            let gathered = gather(c, s, fresh, &pending, &shadow, hits)?;
             Ok(Reading {
                 results,
                 online,
@@ -816,6 +849,7 @@ where
         online_unseen,
         first_record,
         first_identity,
+        rows,
         ..
     } = m;
     let ids = Ids {
@@ -825,7 +859,9 @@ where
         eids: &eids,
         written,
     };
-    write_decided(conn, &org, &ids, decided, now, &mut results)?;
+    // A record on the online path can merge away the person of a new record before it.
+    let rows = rows && online.is_empty();
+    write_decided(conn, &org, &ids, decided, now, rows, &mut results)?;
     let mut touched = online_unseen.then(Touched::default);
     let unseen_first = first_record + ids.sids.len() as i64;
     for (k, (pos, p)) in online.into_iter().enumerate() {
@@ -929,7 +965,8 @@ where
         group = m.group,
         "a feed batch went stale before it was written; matched again"
     );
-    let again = match_now(conn, s, &m.org, prepared)?;
+    let mut again = match_now(conn, s, &m.org, prepared)?;
+    again.rows = m.rows;
     let mut alone = Written::default();
     let results = write_group(conn, s, &mut alone, again, None, audit)?;
     let newest = results
@@ -953,10 +990,13 @@ where
 /// New records (the batch path) and the rest (the online path): records already stored or
 /// pending, and a second record under one identifier.
 #[allow(clippy::type_complexity)]
+/// `existing`: the stored values among the records' identifiers, when already read (all of
+/// them in one system).
 fn split_new(
     conn: &mut DbConn,
     pending: &[Arc<PendingGroup>],
     prepared: Vec<(usize, Prepared)>,
+    existing: Option<HashSet<String>>,
 ) -> Result<(Vec<(usize, Prepared)>, Vec<(usize, Prepared)>)> {
     let mut by_system: HashMap<&str, Vec<&str>> = HashMap::new();
     for (_, p) in &prepared {
@@ -964,7 +1004,11 @@ fn split_new(
     }
     let mut stored: HashSet<(String, String)> = HashSet::new();
     for (system, values) in by_system {
-        for v in store::existing_values(conn, system, &values)? {
+        let found = match &existing {
+            Some(e) => e.clone(),
+            None => store::existing_values(conn, system, &values)?,
+        };
+        for v in found {
             stored.insert((system.to_string(), v));
         }
     }
@@ -1003,6 +1047,7 @@ fn gather(
     fresh: Vec<(usize, Prepared)>,
     pending: &[Arc<PendingGroup>],
     shadow: &HashSet<i64>,
+    hits: Option<Vec<(KeyId, i64)>>,
 ) -> Result<Gathered> {
     let limit = usize::try_from(s.max_candidates).unwrap_or(usize::MAX);
     // The batch's distinct keys, numbered; each record's keys by number.
@@ -1023,7 +1068,15 @@ fn gather(
         })
         .collect();
     let mut stored_by_key: Vec<Vec<i64>> = vec![Vec::new(); keys.len()];
-    for (k, id) in store::key_hits(conn, &keys)? {
+    // Already read (for all of the batch's records, fresh or not), or read now.
+    let hits = match hits {
+        Some(hits) => hits
+            .into_iter()
+            .filter_map(|(key, id)| Some((*numbers.get(&key)?, id)))
+            .collect(),
+        None => store::key_hits(conn, &keys)?,
+    };
+    for (k, id) in hits {
         if let Some(bucket) = stored_by_key.get_mut(k) {
             if !shadow.contains(&id) {
                 bucket.push(id);
@@ -1296,13 +1349,15 @@ impl Ids<'_> {
     }
 }
 
-/// Writes every row of the decided records, rebuilds the stored identities they joined.
+/// Writes every row of the decided records, rebuilds the stored identities they joined. With
+/// `rows`, each result carries its record's row as written.
 fn write_decided(
     conn: &mut DbConn,
     org: &Organization,
     ids: &Ids,
     decided: Vec<Decided>,
     now: i64,
+    rows_in_results: bool,
     results: &mut [Option<Result<FeedResult>>],
 ) -> Result<()> {
     if decided.is_empty() {
@@ -1413,6 +1468,9 @@ fn write_decided(
             outcome: d.eval.outcome().into(),
             score: best.map(|b| (b.score.total * 10.0).round() / 10.0),
             reviews_queued: d.eval.reviews.len(),
+            stored: rows_in_results
+                .then(|| rows.sources.last().map(|r| Box::new(r.stored())))
+                .flatten(),
         }));
     }
     store::insert_bulk(conn, rows)?;
@@ -1422,6 +1480,12 @@ fn write_decided(
         let eids: Vec<i64> = chunk.iter().map(|(eid, _)| *eid).collect();
         for eid in crate::db::consent::with_directives(conn, &eids)? {
             crate::db::consent::refresh_hides(conn, eid)?;
+            // Its row as written no longer holds.
+            for r in results.iter_mut().flatten().flatten() {
+                if r.enterprise_id == eid {
+                    r.stored = None;
+                }
+            }
         }
     }
     Ok(())

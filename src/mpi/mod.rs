@@ -302,6 +302,11 @@ pub struct FeedResult {
     pub outcome: String,
     pub score: Option<f64>,
     pub reviews_queued: usize,
+    /// The record as written, when the write knows it without reading it back: a new record
+    /// of a batch, unless a record after it in the batch went the online path (which can
+    /// merge its person away).
+    #[serde(skip)]
+    pub stored: Option<Box<SourceRow>>,
 }
 
 /// A validated feed request.
@@ -583,6 +588,7 @@ fn rematch(
                 Some(best_with_others)
             },
             reviews_queued: 0,
+            stored: None,
         });
     }
     let old_eid = e.enterprise_id;
@@ -664,6 +670,7 @@ fn apply(conn: &mut DbConn, sid: i64, eid: i64, eval: &Evaluation, now: i64) -> 
         outcome: outcome.into(),
         score: best.map(|b| (b.score.total * 10.0).round() / 10.0),
         reviews_queued: queued,
+        stored: None,
     })
 }
 
@@ -751,6 +758,7 @@ fn merge_source(
         outcome: "merged".into(),
         score: None,
         reviews_queued: 0,
+        stored: None,
     })
 }
 

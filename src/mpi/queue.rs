@@ -105,7 +105,19 @@ async fn run(
     // (on SQLite both run on the writer's connection): the next is matched while it is
     // written. With nothing waiting, it goes at once.
     let mut held: Option<Work> = None;
+    // On PostgreSQL the reads run on a connection of their own, so nothing is held; instead the
+    // next batch is taken only once the writer has taken the last one. The writer is the
+    // bound there (a batch's round trips cost about the same for one record as for eight), and
+    // every batch matched ahead of it would split the waiting requests into smaller batches.
+    let paced = matches!(db.url(), db::DbUrl::Postgres(_));
     loop {
+        let permit = match paced {
+            true => match to_writer.reserve().await {
+                Ok(p) => Some(p),
+                Err(_) => return,
+            },
+            false => None,
+        };
         let first = match held.take() {
             Some(work) => match rx.try_recv() {
                 Ok(j) => {
@@ -149,11 +161,15 @@ async fn run(
                 return;
             }
         }
-        held = Some(Work {
+        let work = Work {
             jobs,
             answers,
             matched: matched.ok(),
-        });
+        };
+        match permit {
+            Some(p) => p.send(work),
+            None => held = Some(work),
+        }
     }
 }
 
@@ -364,7 +380,7 @@ fn write_groups(
 ) -> Result<(Vec<Answer>, Written)> {
     let mut answers: Vec<Option<Answer>> = (0..actors.len()).map(|_| None).collect();
     for (m, at) in groups {
-        let results = write_group(c, s, &mut written, m, Some(pipe), |c, rs| {
+        let results = write_group(c, s, &mut written, m.with_rows(), Some(pipe), |c, rs| {
             let records: Vec<_> = rs
                 .iter()
                 .zip(&at)
@@ -375,16 +391,25 @@ fn write_groups(
                 .collect();
             db::audit::append(c, &records).map(|_| ())
         })?;
+        // The rows the write does not know as written are read back.
         let ids: Vec<i64> = results
             .iter()
-            .filter_map(|r| r.as_ref().ok().map(|r| r.source_id))
+            .filter_map(|r| r.as_ref().ok())
+            .filter(|r| r.stored.is_none())
+            .map(|r| r.source_id)
             .collect();
-        let rows: std::collections::HashMap<i64, SourceRow> = store::get_sources(c, &ids)?
-            .into_iter()
-            .map(|row| (row.id, row))
-            .collect();
+        let rows: std::collections::HashMap<i64, SourceRow> = match ids.is_empty() {
+            true => Default::default(),
+            false => store::get_sources(c, &ids)?
+                .into_iter()
+                .map(|row| (row.id, row))
+                .collect(),
+        };
         for (i, r) in at.into_iter().zip(results) {
-            let answer = r.and_then(|r| {
+            let answer = r.and_then(|mut r| {
+                if let Some(row) = r.stored.take() {
+                    return Ok((r, *row));
+                }
                 // A record sent twice in one batch is one row: the last answer takes it.
                 let row = match rows.get(&r.source_id) {
                     Some(row) => row.clone(),
