@@ -988,15 +988,14 @@ where
 }
 
 /// New records (the batch path) and the rest (the online path): records already stored or
-/// pending, and a second record under one identifier.
+/// pending, and a second record under one identifier. `existing`: the stored values among the
+/// records' identifiers, when already read (all of them in one system).
 #[allow(clippy::type_complexity)]
-/// `existing`: the stored values among the records' identifiers, when already read (all of
-/// them in one system).
 fn split_new(
     conn: &mut DbConn,
     pending: &[Arc<PendingGroup>],
     prepared: Vec<(usize, Prepared)>,
-    existing: Option<HashSet<String>>,
+    mut existing: Option<HashSet<String>>,
 ) -> Result<(Vec<(usize, Prepared)>, Vec<(usize, Prepared)>)> {
     let mut by_system: HashMap<&str, Vec<&str>> = HashMap::new();
     for (_, p) in &prepared {
@@ -1004,8 +1003,8 @@ fn split_new(
     }
     let mut stored: HashSet<(String, String)> = HashSet::new();
     for (system, values) in by_system {
-        let found = match &existing {
-            Some(e) => e.clone(),
+        let found = match existing.take() {
+            Some(e) => e,
             None => store::existing_values(conn, system, &values)?,
         };
         for v in found {
