@@ -630,6 +630,23 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// PostgreSQL: marks the blocking keys written so far visible to every transaction (`VACUUM`
+/// sets their pages' bits in the visibility map), so that looking keys up reads the index
+/// alone: otherwise each record found by key also visits its table page, and at 1M patients
+/// that was two thirds of a batch's key lookups (89 ms against 36 ms for 5,000 keys). Only
+/// pages not yet marked are read, a batch's few thousand. Autovacuum does this too, but only
+/// once a table has grown by a fifth, and not at all where it is off. Skipped if another
+/// vacuum holds the table.
+fn mark_keys_visible(conn: &mut db::PooledConn) -> Result<()> {
+    if !conn.is_sqlite() {
+        diesel::connection::SimpleConnection::batch_execute(
+            &mut **conn,
+            "VACUUM (SKIP_LOCKED) blocking_keys",
+        )?;
+    }
+    Ok(())
+}
+
 fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> Result<()> {
     use crate::mpi::bulk::{write_group, Matched, Matcher, Pipeline, Submission, Written};
     use std::io::BufRead;
@@ -682,6 +699,9 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
                         "ANALYZE blocking_keys, source_records, source_identifiers, identities",
                     )?;
                 }
+                if n >= 2 {
+                    mark_keys_visible(&mut conn)?;
+                }
                 let group = m.group();
                 let first_line = numbers.first().copied().unwrap_or_default();
                 let last_line = numbers.last().copied().unwrap_or_default();
@@ -729,6 +749,7 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
                     }
                 }
             }
+            mark_keys_visible(&mut conn)?;
             Ok((ok, failed, linked, written.matched_again()))
         };
         let writer = scope.spawn(|| -> Result<(u64, u64, u64, u64)> {
