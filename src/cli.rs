@@ -630,23 +630,6 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
-/// PostgreSQL: marks the blocking keys written so far visible to every transaction (`VACUUM`
-/// sets their pages' bits in the visibility map), so that looking keys up reads the index
-/// alone: otherwise each record found by key also visits its table page, and at 1M patients
-/// that was two thirds of a batch's key lookups (89 ms against 36 ms for 5,000 keys). Only
-/// pages not yet marked are read, a batch's few thousand. Autovacuum does this too, but only
-/// once a table has grown by a fifth, and not at all where it is off. Skipped if another
-/// vacuum holds the table.
-fn mark_keys_visible(conn: &mut db::PooledConn) -> Result<()> {
-    if !conn.is_sqlite() {
-        diesel::connection::SimpleConnection::batch_execute(
-            &mut **conn,
-            "VACUUM (SKIP_LOCKED) blocking_keys",
-        )?;
-    }
-    Ok(())
-}
-
 fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> Result<()> {
     use crate::mpi::bulk::{write_group, Matched, Matcher, Pipeline, Submission, Written};
     use std::io::BufRead;
@@ -687,21 +670,8 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             let mut conn = connect()?;
             let mut written = Written::default();
             let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
-            let mut n = 0usize;
+            let mut upkeep = db::mpi::LoadUpkeep::new(&mut conn)?;
             for (m, numbers) in batches {
-                n += 1;
-                // A load into empty tables leaves PostgreSQL planning with the statistics of
-                // an empty table (sequential scans for every candidate lookup); refresh them
-                // as the tables grow.
-                if !conn.is_sqlite() && (n == 2 || n % 4 == 1) {
-                    diesel::connection::SimpleConnection::batch_execute(
-                        &mut *conn,
-                        "ANALYZE blocking_keys, source_records, source_identifiers, identities",
-                    )?;
-                }
-                if n >= 2 {
-                    mark_keys_visible(&mut conn)?;
-                }
                 let group = m.group();
                 let first_line = numbers.first().copied().unwrap_or_default();
                 let last_line = numbers.last().copied().unwrap_or_default();
@@ -736,6 +706,8 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
                 });
                 pipe.finished(group);
                 let results = results.inspect_err(|_| written = before)?;
+                let fed = results.iter().filter(|r| r.is_ok()).count() as u64;
+                upkeep.written(&mut conn, fed)?;
                 for (n, r) in numbers.iter().zip(results) {
                     match r {
                         Ok(r) => {
@@ -749,7 +721,6 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
                     }
                 }
             }
-            mark_keys_visible(&mut conn)?;
             Ok((ok, failed, linked, written.matched_again()))
         };
         let writer = scope.spawn(|| -> Result<(u64, u64, u64, u64)> {
