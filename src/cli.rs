@@ -956,7 +956,7 @@ fn mpi_command(c: MpiCommand, config: &Config) -> Result<()> {
                         d.score
                             .map(|s| format!("{s:.1}"))
                             .unwrap_or_else(|| "-".into()),
-                        d.breakdown
+                        crate::mpi::score::breakdown_value(&d.breakdown)
                     );
                 }
             } else {

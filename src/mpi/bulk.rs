@@ -1436,7 +1436,7 @@ fn write_decided(
             outcome: d.eval.outcome().into(),
             score: best.map(|b| b.score.total),
             breakdown: best
-                .map(|b| serde_json::to_string(&b.score).unwrap_or_default())
+                .map(|b| b.score.stored())
                 .unwrap_or_else(|| "{}".into()),
             created_at: now,
         });
@@ -1446,7 +1446,7 @@ fn write_decided(
                 ids.record(c.source_id)?,
                 kind,
                 c.score.total,
-                serde_json::to_string(&c.score).unwrap_or_default(),
+                c.score.stored(),
                 now,
             ));
         }

@@ -635,7 +635,7 @@ fn apply(conn: &mut DbConn, sid: i64, eid: i64, eval: &Evaluation, now: i64) -> 
     let best = eval.best();
     let outcome = eval.outcome();
     let breakdown = best
-        .map(|b| serde_json::to_string(&b.score).unwrap_or_default())
+        .map(|b| b.score.stored())
         .unwrap_or_else(|| "{}".into());
     store::insert_decision(
         conn,
@@ -648,7 +648,7 @@ fn apply(conn: &mut DbConn, sid: i64, eid: i64, eval: &Evaluation, now: i64) -> 
     )?;
     let mut queued = 0;
     for (c, kind) in &eval.reviews {
-        let breakdown = serde_json::to_string(&c.score).unwrap_or_default();
+        let breakdown = c.score.stored();
         if store::insert_review(conn, sid, c.source_id, kind, c.score.total, &breakdown, now)? {
             queued += 1;
         }
@@ -1138,7 +1138,7 @@ pub fn review_queue(
                 kind: r.kind,
                 status: r.status,
                 score: r.score,
-                breakdown: serde_json::from_str(&r.breakdown).unwrap_or(Value::Null),
+                breakdown: score::breakdown_value(&r.breakdown),
                 a,
                 b,
                 created_at: r.created_at,
@@ -1263,7 +1263,7 @@ fn review_queue_item(conn: &mut DbConn, id: i64) -> Result<ReviewItem> {
         kind: row.kind,
         status: row.status,
         score: row.score,
-        breakdown: serde_json::from_str(&row.breakdown).unwrap_or(Value::Null),
+        breakdown: score::breakdown_value(&row.breakdown),
         a,
         b,
         created_at: row.created_at,
