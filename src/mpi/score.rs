@@ -933,7 +933,10 @@ mod tests {
             hazards: vec![Hazard::Generation, Hazard::SharedIdConflict],
         };
         let stored = score.stored();
-        assert!(stored.len() * 2 < serde_json::to_string(&score).unwrap().len(), "{stored}");
+        assert!(
+            stored.len() * 2 < serde_json::to_string(&score).unwrap().len(),
+            "{stored}"
+        );
         let mut rounded = score.clone();
         rounded.total = 11.088;
         for (f, w) in rounded.fields.iter_mut().zip([7.7142, -4.3166, -2.0]) {
@@ -953,7 +956,10 @@ mod tests {
             serde_json::to_value(&plain).unwrap()
         );
         let json = serde_json::to_string(&score).unwrap();
-        assert_eq!(breakdown_value(&json), serde_json::to_value(&score).unwrap());
+        assert_eq!(
+            breakdown_value(&json),
+            serde_json::to_value(&score).unwrap()
+        );
         assert_eq!(breakdown_value("{}"), serde_json::json!({}));
         assert_eq!(breakdown_value("S1;x;;"), serde_json::Value::Null);
         for h in [
