@@ -58,7 +58,9 @@ pub fn own_identifier(org: &Organization, patient: &Value) -> Result<(String, St
         })
 }
 
-/// A record validated and normalised, ready to match.
+/// A record validated and normalised, ready to match. Held boxed: a group's records pass
+/// through several vectors between matching and writing, and at ~700 bytes each a 50,000-record
+/// group moved tens of megabytes into fresh memory at every step.
 struct Prepared {
     system: String,
     value: String,
@@ -93,7 +95,7 @@ impl From<Value> for Submission {
     }
 }
 
-fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Prepared> {
+fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Box<Prepared>> {
     let Submission { patient, under } = sub;
     let (system, value) = match under {
         Some(id) => id,
@@ -110,7 +112,7 @@ fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Prepa
     )?;
     let merge = replaced_by(&patient)?.is_some();
     let demo = Demographics::from_patient(&patient, &s.shared_systems);
-    Ok(Prepared {
+    Ok(Box::new(Prepared {
         keys: demo.key_ids(),
         content: content(&patient, &demo, 0),
         golden: golden(&[&patient]),
@@ -121,7 +123,7 @@ fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Prepa
         value,
         patient,
         merge,
-    })
+    }))
 }
 
 /// Validation and normalisation on every core, in order.
@@ -129,7 +131,7 @@ fn prepare_all(
     s: &MpiSettings,
     org: &Organization,
     patients: Vec<Submission>,
-) -> Vec<Result<Prepared>> {
+) -> Vec<Result<Box<Prepared>>> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -169,10 +171,10 @@ fn prepare_all(
 /// Per position, the refusal or a slot to fill; and the accepted records with their positions.
 #[allow(clippy::type_complexity)]
 fn split_refused(
-    prepared: Vec<Result<Prepared>>,
-) -> (Vec<Option<Result<FeedResult>>>, Vec<(usize, Prepared)>) {
+    prepared: Vec<Result<Box<Prepared>>>,
+) -> (Vec<Option<Result<FeedResult>>>, Vec<(usize, Box<Prepared>)>) {
     let mut results = Vec::with_capacity(prepared.len());
-    let mut accepted = Vec::new();
+    let mut accepted = Vec::with_capacity(prepared.len());
     for (pos, p) in prepared.into_iter().enumerate() {
         match p {
             Ok(p) => {
@@ -201,7 +203,7 @@ const UNDECIDED: i64 = i64::MAX;
 /// (`eid`) real or pending, and so may be the candidates of its evaluation.
 struct Decided {
     pos: usize,
-    prepared: Prepared,
+    prepared: Box<Prepared>,
     eid: i64,
     eval: Evaluation,
 }
@@ -225,7 +227,7 @@ pub struct Matched {
     decided: Vec<Decided>,
     /// Records for the online path, decided when written: updates, merges, a second record
     /// under one identifier, a match that would merge identities.
-    online: Vec<(usize, Prepared)>,
+    online: Vec<(usize, Box<Prepared>)>,
     /// The groups after this one are matched without waiting for its online records (all of
     /// them matches that would merge identities): the writer notes what those touch, and a
     /// later group decided on any of it is matched again (`Written::changed_under`).
@@ -482,7 +484,7 @@ impl Matcher {
 /// connection — on SQLite best the writer's, whose page cache is warm — while the matcher
 /// waits.
 pub struct ReadRequest {
-    prepared: Vec<Result<Prepared>>,
+    prepared: Vec<Result<Box<Prepared>>>,
     pending: Vec<Arc<PendingGroup>>,
     generation: u64,
     on_writer: bool,
@@ -491,7 +493,7 @@ pub struct ReadRequest {
 /// What was read for a group (`ReadRequest::run`), for `Matcher::finish`.
 pub struct Reading {
     results: Vec<Option<Result<FeedResult>>>,
-    online: Vec<(usize, Prepared)>,
+    online: Vec<(usize, Box<Prepared>)>,
     gathered: Gathered,
     newest_record: i64,
     generation: u64,
@@ -782,7 +784,7 @@ fn match_now(
     conn: &mut DbConn,
     s: &MpiSettings,
     org: &Organization,
-    prepared: Vec<Result<Prepared>>,
+    prepared: Vec<Result<Box<Prepared>>>,
 ) -> Result<Matched> {
     let read = ReadRequest {
         prepared,
@@ -942,7 +944,7 @@ where
     A: FnOnce(&mut DbConn, &[Result<FeedResult>]) -> Result<()>,
 {
     // Refusals stay; every other position is filled from the decided and online records.
-    let mut prepared: Vec<Result<Prepared>> = m
+    let mut prepared: Vec<Result<Box<Prepared>>> = m
         .results
         .into_iter()
         .map(|r| match r {
@@ -994,9 +996,9 @@ where
 fn split_new(
     conn: &mut DbConn,
     pending: &[Arc<PendingGroup>],
-    prepared: Vec<(usize, Prepared)>,
+    prepared: Vec<(usize, Box<Prepared>)>,
     mut existing: Option<HashSet<String>>,
-) -> Result<(Vec<(usize, Prepared)>, Vec<(usize, Prepared)>)> {
+) -> Result<(Vec<(usize, Box<Prepared>)>, Vec<(usize, Box<Prepared>)>)> {
     let mut by_system: HashMap<&str, Vec<&str>> = HashMap::new();
     for (_, p) in &prepared {
         by_system.entry(&p.system).or_default().push(&p.value);
@@ -1032,7 +1034,7 @@ fn split_new(
 /// (numbered), per key its pending and stored records newest first, and the stored records
 /// any of them may be matched with.
 struct Gathered {
-    fresh: Vec<(usize, Prepared)>,
+    fresh: Vec<(usize, Box<Prepared>)>,
     record_keys: Vec<Vec<usize>>,
     by_key: Vec<Vec<i64>>,
     /// Per record, its stored and pending candidates ranked (`store::rank_candidates`).
@@ -1043,7 +1045,7 @@ struct Gathered {
 fn gather(
     conn: &mut DbConn,
     s: &MpiSettings,
-    fresh: Vec<(usize, Prepared)>,
+    fresh: Vec<(usize, Box<Prepared>)>,
     pending: &[Arc<PendingGroup>],
     shadow: &HashSet<i64>,
     hits: Option<Vec<(KeyId, i64)>>,
@@ -1149,7 +1151,7 @@ fn decide(
     pending: &VecDeque<Arc<PendingGroup>>,
     first_record: i64,
     first_identity: i64,
-) -> (Vec<Decided>, Vec<(usize, Prepared)>, Vec<Candidate>) {
+) -> (Vec<Decided>, Vec<(usize, Box<Prepared>)>, Vec<Candidate>) {
     let limit = usize::try_from(s.max_candidates).unwrap_or(usize::MAX);
     let Gathered {
         fresh,
@@ -1175,7 +1177,7 @@ fn decide(
     // Each record against its stored and pending candidates: scored ahead, on two threads
     // for a large batch (a bulk load's matching is mostly scoring). What the batch's own
     // earlier records add is scored below, in order.
-    let prescore = |records: &[(usize, Prepared)], ranked: &[Vec<i64>]| -> Vec<Prescored> {
+    let prescore = |records: &[(usize, Box<Prepared>)], ranked: &[Vec<i64>]| -> Vec<Prescored> {
         records
             .iter()
             .zip(ranked)
