@@ -126,6 +126,9 @@ fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Box<P
     }))
 }
 
+/// An accepted record with its position in the group.
+type Accepted = (usize, Box<Prepared>);
+
 /// Validation and normalisation on every core, in order.
 fn prepare_all(
     s: &MpiSettings,
@@ -169,10 +172,9 @@ fn prepare_all(
 }
 
 /// Per position, the refusal or a slot to fill; and the accepted records with their positions.
-#[allow(clippy::type_complexity)]
 fn split_refused(
     prepared: Vec<Result<Box<Prepared>>>,
-) -> (Vec<Option<Result<FeedResult>>>, Vec<(usize, Box<Prepared>)>) {
+) -> (Vec<Option<Result<FeedResult>>>, Vec<Accepted>) {
     let mut results = Vec::with_capacity(prepared.len());
     let mut accepted = Vec::with_capacity(prepared.len());
     for (pos, p) in prepared.into_iter().enumerate() {
@@ -227,7 +229,7 @@ pub struct Matched {
     decided: Vec<Decided>,
     /// Records for the online path, decided when written: updates, merges, a second record
     /// under one identifier, a match that would merge identities.
-    online: Vec<(usize, Box<Prepared>)>,
+    online: Vec<Accepted>,
     /// The groups after this one are matched without waiting for its online records (all of
     /// them matches that would merge identities): the writer notes what those touch, and a
     /// later group decided on any of it is matched again (`Written::changed_under`).
@@ -493,7 +495,7 @@ pub struct ReadRequest {
 /// What was read for a group (`ReadRequest::run`), for `Matcher::finish`.
 pub struct Reading {
     results: Vec<Option<Result<FeedResult>>>,
-    online: Vec<(usize, Box<Prepared>)>,
+    online: Vec<Accepted>,
     gathered: Gathered,
     newest_record: i64,
     generation: u64,
@@ -992,13 +994,12 @@ where
 /// New records (the batch path) and the rest (the online path): records already stored or
 /// pending, and a second record under one identifier. `existing`: the stored values among the
 /// records' identifiers, when already read (all of them in one system).
-#[allow(clippy::type_complexity)]
 fn split_new(
     conn: &mut DbConn,
     pending: &[Arc<PendingGroup>],
-    prepared: Vec<(usize, Box<Prepared>)>,
+    prepared: Vec<Accepted>,
     mut existing: Option<HashSet<String>>,
-) -> Result<(Vec<(usize, Box<Prepared>)>, Vec<(usize, Box<Prepared>)>)> {
+) -> Result<(Vec<Accepted>, Vec<Accepted>)> {
     let mut by_system: HashMap<&str, Vec<&str>> = HashMap::new();
     for (_, p) in &prepared {
         by_system.entry(&p.system).or_default().push(&p.value);
@@ -1034,7 +1035,7 @@ fn split_new(
 /// (numbered), per key its pending and stored records newest first, and the stored records
 /// any of them may be matched with.
 struct Gathered {
-    fresh: Vec<(usize, Box<Prepared>)>,
+    fresh: Vec<Accepted>,
     record_keys: Vec<Vec<usize>>,
     by_key: Vec<Vec<i64>>,
     /// Per record, its stored and pending candidates ranked (`store::rank_candidates`).
@@ -1045,7 +1046,7 @@ struct Gathered {
 fn gather(
     conn: &mut DbConn,
     s: &MpiSettings,
-    fresh: Vec<(usize, Box<Prepared>)>,
+    fresh: Vec<Accepted>,
     pending: &[Arc<PendingGroup>],
     shadow: &HashSet<i64>,
     hits: Option<Vec<(KeyId, i64)>>,
@@ -1143,7 +1144,6 @@ fn gather(
 /// pending groups' records and the batch's earlier records. Returns the decided records, those
 /// left to the online path, and the decided ones as candidates (pending ids from
 /// `first_record`).
-#[allow(clippy::type_complexity)]
 fn decide(
     s: &MpiSettings,
     org: &Organization,
@@ -1151,7 +1151,7 @@ fn decide(
     pending: &VecDeque<Arc<PendingGroup>>,
     first_record: i64,
     first_identity: i64,
-) -> (Vec<Decided>, Vec<(usize, Box<Prepared>)>, Vec<Candidate>) {
+) -> (Vec<Decided>, Vec<Accepted>, Vec<Candidate>) {
     let limit = usize::try_from(s.max_candidates).unwrap_or(usize::MAX);
     let Gathered {
         fresh,
@@ -1177,7 +1177,7 @@ fn decide(
     // Each record against its stored and pending candidates: scored ahead, on two threads
     // for a large batch (a bulk load's matching is mostly scoring). What the batch's own
     // earlier records add is scored below, in order.
-    let prescore = |records: &[(usize, Box<Prepared>)], ranked: &[Vec<i64>]| -> Vec<Prescored> {
+    let prescore = |records: &[Accepted], ranked: &[Vec<i64>]| -> Vec<Prescored> {
         records
             .iter()
             .zip(ranked)
@@ -1446,9 +1446,7 @@ fn write_decided(
             candidate_id: best.map(|b| ids.record(b.source_id)).transpose()?,
             outcome: d.eval.outcome().into(),
             score: best.map(|b| b.score.total),
-            breakdown: best
-                .map(|b| b.score.stored())
-                .unwrap_or_else(|| "{}".into()),
+            breakdown: d.eval.stored_breakdown(),
             created_at: now,
         });
         for (c, kind) in &d.eval.reviews {

@@ -147,6 +147,13 @@ impl Evaluation {
         self.link.as_ref().or(self.ranked.first())
     }
 
+    /// The decision's breakdown as stored (`Score::stored`); `{}` when no candidate explains it.
+    pub fn stored_breakdown(&self) -> String {
+        self.best()
+            .map(|b| b.score.stored())
+            .unwrap_or_else(|| "{}".into())
+    }
+
     /// `linked`, `review` or `new-identity`.
     pub fn outcome(&self) -> &'static str {
         match (&self.link, self.ambiguous, self.reviews.is_empty()) {
@@ -634,9 +641,7 @@ fn rematch(
 fn apply(conn: &mut DbConn, sid: i64, eid: i64, eval: &Evaluation, now: i64) -> Result<FeedResult> {
     let best = eval.best();
     let outcome = eval.outcome();
-    let breakdown = best
-        .map(|b| b.score.stored())
-        .unwrap_or_else(|| "{}".into());
+    let breakdown = eval.stored_breakdown();
     store::insert_decision(
         conn,
         sid,
