@@ -1440,6 +1440,95 @@ async fn the_feed_survives_postgresql_dropping_its_connections() {
     assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
 }
 
+/// On PostgreSQL a feed batch commits while the next is written on top of it. A commit that
+/// fails (here a deferred trigger that, for one MRN, waits a moment and then raises at commit
+/// time, as a full disk or a dropped connection would) must take with it only its own
+/// request: the batch written on top is rolled back and fed again, everyone else is answered
+/// as stored, nothing of the failed record remains, and the audit chain holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_batch_that_fails_to_commit_takes_only_its_own_request() {
+    use diesel::{Connection, RunQueryDsl};
+    let Some(backend @ Backend::Postgres(_)) = Backend::postgres() else {
+        return;
+    };
+    let r = region(&backend);
+    let mut admin = diesel::PgConnection::establish(&r.ex.db_url).expect("postgres");
+    diesel::sql_query(
+        "CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.value = 'C-3' THEN PERFORM pg_sleep(0.3); \
+         RAISE EXCEPTION 'simulated failure at commit'; END IF; RETURN NULL; END $$",
+    )
+    .execute(&mut admin)
+    .expect("trigger function");
+    diesel::sql_query(
+        "CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON source_records \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_at_commit()",
+    )
+    .execute(&mut admin)
+    .expect("trigger");
+    const FAMILIES: [&str; 16] = [
+        "Abbott", "Baxter", "Carver", "Dalton", "Ellery", "Fenwick", "Garland", "Hollis", "Irving",
+        "Jessop", "Kendal", "Lowry", "Marsh", "Norwood", "Oakley", "Pryor",
+    ];
+    const GIVENS: [&str; 16] = [
+        "Alma", "Bruno", "Cecil", "Delia", "Edgar", "Flora", "Gideon", "Hazel", "Ivor", "Juno",
+        "Klaus", "Lena", "Milo", "Nora", "Otis", "Pearl",
+    ];
+    let person = |system: &str, mrn: &str, i: usize| {
+        patient(
+            system,
+            mrn,
+            GIVENS[i],
+            FAMILIES[i],
+            &format!("{}-0{}-1{}", 1940 + 3 * i, 1 + i % 9, i % 10),
+            &format!("{} Flush Lane", 10 + i),
+            &format!("{}", 55000 + 37 * i),
+            None,
+        )
+    };
+    // C-3 first: its batch is committing (for 0.3 s) when the others arrive, so they are
+    // written on top of it — among them the lab's record of the same person, matched to C-3
+    // while it was pending.
+    let (ex, hospital, lab) = (&r.ex, &r.hospital, &r.lab);
+    let failing_body = person(HOSP, "C-3", 3);
+    let failing = put(hospital, ex, HOSP, "C-3", &failing_body);
+    let lab_body = person(LAB, "L-3", 3);
+    let others = async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let lab = put(lab, ex, LAB, "L-3", &lab_body);
+        let hospital = futures_util::future::join_all((0..8).filter(|i| *i != 3).map(|i| {
+            let mrn = format!("C-{i}");
+            let body = person(HOSP, &mrn, i);
+            async move { put(hospital, ex, HOSP, &mrn, &body).await }
+        }));
+        let (lab, hospital) = tokio::join!(lab, hospital);
+        hospital.into_iter().chain([lab]).collect::<Vec<_>>()
+    };
+    let ((status, body, _), answered) = tokio::join!(failing, others);
+    assert!(status >= 500, "{status} {body}");
+    for (status, body, _) in answered {
+        assert!(status == 200 || status == 201, "{status} {body}");
+    }
+    // The feed goes on.
+    let next = futures_util::future::join_all((8..16).map(|i| {
+        let mrn = format!("C-{i}");
+        let body = person(HOSP, &mrn, i);
+        async move { put(hospital, ex, HOSP, &mrn, &body).await }
+    }))
+    .await;
+    for (status, body, _) in next {
+        assert!(status == 200 || status == 201, "{status} {body}");
+    }
+    let (g, ..) = grouping(&r.ex);
+    let stored: Vec<&String> = g.iter().flatten().collect();
+    assert_eq!(stored.len(), 16, "{g:?}");
+    assert!(!stored.iter().any(|id| id.ends_with("|C-3")), "{g:?}");
+    // Everyone a person of their own: the lab's record, matched to C-3 while that was
+    // pending, was decided again without it.
+    assert_eq!(g.len(), 16, "{g:?}");
+    assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
+}
+
 /// A database of `backend` opened in-process, with hospital A and `n` synthetic patients fed
 /// through the real matching path, then `extra` Patients (which carry `MRN-n`, `MRN-n+1`…).
 fn loaded_db(

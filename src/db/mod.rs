@@ -147,7 +147,7 @@ pub struct Db {
     writes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// PostgreSQL: the connections the identity feed's matcher and writer keep between
     /// batches (`Kept`).
-    kept: std::sync::Arc<[Kept; 2]>,
+    kept: std::sync::Arc<[Kept; 3]>,
 }
 
 /// A pool connection kept between one busy loop's database calls, so that each call does not
@@ -180,6 +180,9 @@ impl Kept {
 enum Keeper {
     Matcher = 0,
     Writer = 1,
+    /// The PostgreSQL feed's writer alternates between two connections: one commits a batch
+    /// while the other writes the next (`Db::write_open`).
+    SecondWriter = 2,
 }
 
 /// How often the SQLite checkpointer copies the write-ahead log into the database file.
@@ -383,6 +386,54 @@ impl Db {
         T: Send + 'static,
     {
         self.write_on(Some(Keeper::Writer), f).await
+    }
+
+    /// PostgreSQL: `f` in a feed transaction (READ COMMITTED) on one of the feed writer's two
+    /// kept connections (`second`: the other one), left open for the caller to commit
+    /// (`OpenWrite::commit`) or roll back (dropping it), so that the commit's wait for the
+    /// log flush can overlap the next batch's statements on the other connection. Not
+    /// counted in `writes`, like `write_uncounted`. Not on SQLite, whose writer commits for
+    /// the whole process.
+    pub async fn write_open<T, F>(&self, second: bool, f: F) -> Result<(T, OpenWrite)>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.writer.is_some() {
+            return Err(Error::internal("an open write needs PostgreSQL"));
+        }
+        let keeper = match second {
+            true => Keeper::SecondWriter,
+            false => Keeper::Writer,
+        };
+        let (pool, kept) = (self.pool.clone(), std::sync::Arc::clone(&self.kept));
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut conn = match kept[keeper as usize].take() {
+                Some(c) => c,
+                None => pool.get()?,
+            };
+            let v = {
+                let DbConn::Postgresql(pg) = &mut *conn else {
+                    return Err(Error::internal("an open write needs PostgreSQL"));
+                };
+                begin_feed(pg, "READ COMMITTED")?;
+                let done = f(&mut conn);
+                let DbConn::Postgresql(pg) = &mut *conn else {
+                    return Err(Error::internal("the connection changed backend"));
+                };
+                end_feed(pg, done, false)?
+            };
+            Ok((
+                v,
+                OpenWrite {
+                    conn: Some(conn),
+                    kept: std::sync::Arc::clone(&kept),
+                    keeper,
+                },
+            ))
+        })
+        .await;
+        opened.map_err(|e| Error::internal(format!("database task failed: {e}")))?
     }
 
     async fn write_on<T, F>(&self, keeper: Option<Keeper>, f: F) -> Result<T>
@@ -590,9 +641,7 @@ pub fn feed_transaction<T, F>(conn: &mut DbConn, isolation: &str, f: F) -> Resul
 where
     F: FnOnce(&mut DbConn) -> Result<T>,
 {
-    use diesel::connection::{
-        AnsiTransactionManager, TransactionManager, TransactionManagerStatus,
-    };
+    use diesel::connection::{TransactionManager, TransactionManagerStatus};
     let outermost = matches!(
         <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
         TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
@@ -601,26 +650,92 @@ where
         DbConn::Postgresql(pg) if outermost => pg,
         _ => return conn.transaction(f),
     };
+    begin_feed(pg, isolation)?;
+    let done = f(conn);
+    let DbConn::Postgresql(pg) = conn else {
+        return Err(Error::internal("the connection changed backend"));
+    };
+    end_feed(pg, done, true)
+}
+
+/// Begins a feed transaction (`feed_transaction`) on PostgreSQL, in one round trip.
+fn begin_feed(pg: &mut diesel::PgConnection, isolation: &str) -> Result<()> {
+    use diesel::connection::AnsiTransactionManager;
     AnsiTransactionManager::begin_transaction_sql(
         pg,
         &format!(
             "BEGIN ISOLATION LEVEL {isolation}; SET LOCAL plan_cache_mode = force_generic_plan"
         ),
     )?;
-    let done = f(conn);
-    let DbConn::Postgresql(pg) = conn else {
-        return Err(Error::internal("the connection changed backend"));
-    };
+    Ok(())
+}
+
+/// Ends a feed transaction after its work: rolled back if the work failed (its error is the
+/// one reported; a failed rollback leaves the connection marked broken, and it is not kept),
+/// otherwise committed when `commit`, else left open for the caller.
+fn end_feed<T>(pg: &mut diesel::PgConnection, done: Result<T>, commit: bool) -> Result<T> {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
     match done {
         Ok(v) => {
-            AnsiTransactionManager::commit_transaction(pg)?;
+            if commit {
+                AnsiTransactionManager::commit_transaction(pg)?;
+            }
             Ok(v)
         }
         Err(e) => {
-            // The work's error is the one to report; a failed rollback leaves the connection
-            // marked broken, and it is not kept.
             let _ = AnsiTransactionManager::rollback_transaction(pg);
             Err(e)
+        }
+    }
+}
+
+/// A PostgreSQL write transaction left open by `Db::write_open`. `commit` commits it and keeps
+/// its connection for the next batch; dropped, it is rolled back and its connection goes back
+/// to the pool (which tests it before giving it out again).
+pub struct OpenWrite {
+    conn: Option<PooledConn>,
+    kept: std::sync::Arc<[Kept; 3]>,
+    keeper: Keeper,
+}
+
+impl OpenWrite {
+    /// Commits, off the async executor.
+    pub async fn commit(mut self) -> Result<()> {
+        tokio::task::spawn_blocking(move || {
+            use diesel::connection::{AnsiTransactionManager, TransactionManager};
+            let Some(mut conn) = self.conn.take() else {
+                return Err(Error::internal("the open write was already ended"));
+            };
+            let DbConn::Postgresql(pg) = &mut *conn else {
+                return Err(Error::internal("an open write needs PostgreSQL"));
+            };
+            AnsiTransactionManager::commit_transaction(pg)?;
+            self.kept[self.keeper as usize].keep(conn);
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("database task failed: {e}")))?
+    }
+
+    /// Rolls back, off the async executor.
+    pub async fn rollback(self) {
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+    }
+}
+
+impl Drop for OpenWrite {
+    fn drop(&mut self) {
+        use diesel::connection::{
+            AnsiTransactionManager, TransactionManager, TransactionManagerStatus,
+        };
+        if let Some(DbConn::Postgresql(pg)) = self.conn.as_deref_mut() {
+            let open = matches!(
+                AnsiTransactionManager::transaction_manager_status_mut(pg),
+                TransactionManagerStatus::Valid(v) if v.transaction_depth().is_some()
+            );
+            if open {
+                let _ = AnsiTransactionManager::rollback_transaction(pg);
+            }
         }
     }
 }

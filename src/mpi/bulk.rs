@@ -667,6 +667,45 @@ impl Pipeline {
 pub struct Written {
     groups: VecDeque<WrittenGroup>,
     matched_again: u64,
+    /// The commit of the groups written last, while it may still be under way.
+    commit: Option<Arc<Commit>>,
+}
+
+/// Whether a write's transaction committed, once known: told by whoever commits it, awaited
+/// by the write after it. The PostgreSQL feed commits a batch while it writes the next
+/// (`Db::write_open`): the next one's inserts need nothing of the batch before, but whatever
+/// reads what that batch wrote — the stored people its records join (their golden records,
+/// and their rows, which a new record's row must reference), records of the online path, a
+/// group matched again — waits for its commit first (`Written::committed`), and a write
+/// after a batch that did not commit fails, to be rolled back.
+#[derive(Default)]
+pub struct Commit {
+    known: Mutex<Option<bool>>,
+    told: Condvar,
+}
+
+impl Commit {
+    pub fn tell(&self, committed: bool) {
+        *self.known.lock().unwrap_or_else(|e| e.into_inner()) = Some(committed);
+        self.told.notify_all();
+    }
+
+    fn wait(&self) -> Result<()> {
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let (known, _) = self
+            .told
+            .wait_timeout_while(known, FLUSH_WAIT, |k| k.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        match *known {
+            Some(true) => Ok(()),
+            Some(false) => Err(Error::unavailable(
+                "the identity feed's batch before this one did not commit; retrying",
+            )),
+            None => Err(Error::unavailable(
+                "the identity feed's writer is not keeping up; retry shortly",
+            )),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -702,6 +741,17 @@ impl Written {
     /// again in the write transaction.
     pub fn matched_again(&self) -> u64 {
         self.matched_again
+    }
+
+    /// The groups written last are committing: what reads their rows waits for it.
+    pub fn committing(&mut self, commit: Arc<Commit>) {
+        self.commit = Some(commit);
+    }
+
+    /// Waits until the groups written last have committed, if that may still be under way;
+    /// fails if they did not.
+    fn committed(&self) -> Result<()> {
+        self.commit.as_ref().map_or(Ok(()), |c| c.wait())
     }
 
     fn push(&mut self, g: WrittenGroup) {
@@ -839,8 +889,12 @@ where
         },
     };
     let Some((sids, eids)) = ids else {
+        written.committed()?;
         return redecide(conn, s, written, m, audit);
     };
+    if !m.online.is_empty() {
+        written.committed()?;
+    }
     if let Some(p) = pipe {
         p.publish(m.group, &sids);
     }
@@ -1388,6 +1442,9 @@ fn write_decided(
     {
         let stored = joined.entry(ids.identity(*eid)?).or_default();
         stored.extend(ps.iter().map(|p| &p.patient));
+    }
+    if !joined.is_empty() {
+        ids.written.committed()?;
     }
     let joined = joined_goldens(conn, joined)?;
     for (n, &id) in ids.eids.iter().enumerate() {

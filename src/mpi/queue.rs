@@ -13,7 +13,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-use super::bulk::{write_group, Matched, Matcher, Pipeline, Submission, Written};
+use super::bulk::{write_group, Commit, Matched, Matcher, Pipeline, Submission, Written};
 use super::{feed, feed_audit, FeedRequest, FeedResult, MpiSettings};
 use crate::audit::Actor;
 use crate::db::mpi::{self as store, SourceRow};
@@ -286,8 +286,15 @@ impl Matching<'_> {
     }
 }
 
-/// Writes the batches in order, each in one transaction, and answers each request. If the
-/// database fails a batch, each of its requests is retried alone.
+/// Writes the batches in order, each in one transaction, and answers each request once its
+/// transaction committed. If the database fails a batch, each of its requests is retried
+/// alone. On PostgreSQL a batch commits while the next is written (`Db::write_open`, on two
+/// connections in turn): a batch's statements are done in about the time the server takes to
+/// flush the commit before it to disk, which otherwise the writer waited out batch after batch
+/// (the 1M feed ran 31 % faster with `synchronous_commit` off, which loses acknowledged
+/// writes on a crash and is not an option). Commits still happen in order: a batch is
+/// committed only after the one before it did, and rolled back and fed again, request by
+/// request, if that one did not.
 async fn write_loop(
     db: Db,
     settings: Arc<MpiSettings>,
@@ -295,62 +302,256 @@ async fn write_loop(
     metrics: Metrics,
     mut rx: mpsc::Receiver<Work>,
 ) {
-    let mut written = Written::default();
+    let overlap = matches!(db.url(), db::DbUrl::Postgres(_));
+    let mut w = Writer {
+        db,
+        settings,
+        pipe,
+        metrics,
+        written: Written::default(),
+        committing: None,
+        second: false,
+    };
     loop {
-        let next = match tokio::time::timeout(db::KEEP_FOR, rx.recv()).await {
-            Ok(next) => next,
-            // Idle: the connections kept for the feed go back to the pool.
-            Err(_) => {
-                db.release_kept();
-                rx.recv().await
-            }
-        };
         let Some(Work {
             jobs,
             answers,
             matched,
-        }) = next
+        }) = w.next(&mut rx).await
         else {
+            if let Some(f) = match w.committing.take() {
+                Some(c) => c.outcome().await,
+                None => None,
+            } {
+                w.recover(f).await;
+            }
             return;
         };
         let last = matched
             .as_ref()
             .and_then(|g| g.last().map(|(m, _)| m.group()));
-        let outcome = match matched {
-            Some(groups) => {
-                let (s, p, w) = (Arc::clone(&settings), Arc::clone(&pipe), written.clone());
-                let actors: Vec<Actor> = jobs.iter().map(|j| j.actor.clone()).collect();
-                db.write_uncounted(move |c| write_groups(c, &s, &p, w, groups, &actors))
-                    .await
-            }
-            None => Err(Error::unavailable("not matched")),
+        let Some(groups) = matched else {
+            w.fail(jobs, answers, last).await;
+            continue;
         };
-        match outcome {
-            Ok((results, w)) => {
-                metrics.feed_batch(
-                    results.len(),
-                    w.matched_again() > written.matched_again(),
-                    false,
-                );
-                written = w;
-                for (answer, r) in answers.into_iter().zip(results) {
-                    let _ = answer.send(r);
-                }
+        let (s, p, written) = (
+            Arc::clone(&w.settings),
+            Arc::clone(&w.pipe),
+            w.written.clone(),
+        );
+        let actors: Vec<Actor> = jobs.iter().map(|j| j.actor.clone()).collect();
+        let write = move |c: &mut DbConn| write_groups(c, &s, &p, written, groups, &actors);
+        if !overlap {
+            match w.db.write_uncounted(write).await {
+                Ok((results, written)) => w.answer(results, written, answers, last),
+                Err(_) => w.fail(jobs, answers, last).await,
             }
-            // Each request once more, alone: one request's conflict must not fail the others,
-            // and on PostgreSQL a conflict with another writer (a deadlock, a unique violation
-            // raised once the other committed) goes through the second time.
-            Err(_) => {
-                metrics.feed_batch(jobs.len(), false, true);
-                for (job, answer) in jobs.into_iter().zip(answers) {
-                    let s = Arc::clone(&settings);
-                    let r = db.write(move |c| feed_alone(c, &s, &job)).await;
-                    let _ = answer.send(r);
+            continue;
+        }
+        let opened = w.db.write_open(w.second, write).await;
+        // The batch before must have committed before this one can.
+        let failed = match w.committing.take() {
+            Some(c) => c.outcome().await,
+            None => None,
+        };
+        match (opened, failed) {
+            (Ok(((results, mut written), open)), None) => {
+                let commit = Arc::new(Commit::default());
+                written.committing(Arc::clone(&commit));
+                let again = written.matched_again() > w.written.matched_again();
+                let before = std::mem::replace(&mut w.written, written);
+                let (pipe, metrics) = (Arc::clone(&w.pipe), w.metrics.clone());
+                let task = tokio::spawn(async move {
+                    let committed = match open.commit().await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "committing a feed batch failed; feeding its records one by one");
+                            false
+                        }
+                    };
+                    commit.tell(committed);
+                    if !committed {
+                        return Some(answers);
+                    }
+                    metrics.feed_batch(results.len(), again, false);
+                    for (answer, r) in answers.into_iter().zip(results) {
+                        let _ = answer.send(r);
+                    }
+                    if let Some(g) = last {
+                        pipe.finished(g);
+                    }
+                    None
+                });
+                w.committing = Some(Committing {
+                    task,
+                    jobs,
+                    last,
+                    before,
+                });
+                w.second = !w.second;
+            }
+            (opened, failed) => {
+                // Written on top of a batch that did not commit: rolled back first, so that
+                // the requests fed again do not wait on its locks.
+                if let Ok((_, open)) = opened {
+                    open.rollback().await;
+                }
+                if let Some(f) = failed {
+                    w.recover(f).await;
+                }
+                w.fail(jobs, answers, last).await;
+            }
+        }
+    }
+}
+
+/// The feed's writer between batches.
+struct Writer {
+    db: Db,
+    settings: Arc<MpiSettings>,
+    pipe: Arc<Pipeline>,
+    metrics: Metrics,
+    written: Written,
+    /// The batch whose commit is under way (PostgreSQL).
+    committing: Option<Committing>,
+    /// Which of its two connections the next batch is written on.
+    second: bool,
+}
+
+/// A batch being committed. Its task answers the requests once committed, and hands the
+/// answers back if the commit failed.
+struct Committing {
+    task: tokio::task::JoinHandle<Option<Vec<oneshot::Sender<Answer>>>>,
+    jobs: Vec<Job>,
+    last: Option<u64>,
+    /// What the writer knew before the batch.
+    before: Written,
+}
+
+impl Writer {
+    /// The next batch. Idle for a while, the connections kept for the feed go back to the
+    /// pool; a commit under way that ends meanwhile is settled at once (a failed one's
+    /// requests are not left waiting for the next batch).
+    async fn next(&mut self, rx: &mut mpsc::Receiver<Work>) -> Option<Work> {
+        let idle = tokio::time::sleep(db::KEEP_FOR);
+        tokio::pin!(idle);
+        let mut released = false;
+        loop {
+            tokio::select! {
+                work = rx.recv() => return work,
+                done = async {
+                    match self.committing.as_mut() {
+                        Some(c) => (&mut c.task).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(c) = self.committing.take() {
+                        if let Some(f) = Committing::failed(done, c.jobs, c.last, c.before) {
+                            self.recover(f).await;
+                        }
+                    }
+                }
+                () = &mut idle, if !released => {
+                    self.db.release_kept();
+                    released = true;
                 }
             }
         }
+    }
+
+    /// A batch that did not commit: the writer forgets it, and its requests are fed alone.
+    async fn recover(&mut self, f: Failed) {
+        self.written = f.before;
+        self.fail(f.jobs, f.answers, f.last).await;
+    }
+
+    /// A batch written as a whole: its answers, once committed.
+    fn answer(
+        &mut self,
+        results: Vec<Answer>,
+        written: Written,
+        answers: Vec<oneshot::Sender<Answer>>,
+        last: Option<u64>,
+    ) {
+        let again = written.matched_again() > self.written.matched_again();
+        self.metrics.feed_batch(results.len(), again, false);
+        self.written = written;
+        for (answer, r) in answers.into_iter().zip(results) {
+            let _ = answer.send(r);
+        }
         if let Some(g) = last {
-            pipe.finished(g);
+            self.pipe.finished(g);
+        }
+    }
+
+    /// Each request once more, alone: one request's conflict must not fail the others, and
+    /// on PostgreSQL a conflict with another writer (a deadlock, a unique violation raised
+    /// once the other committed) goes through the second time.
+    async fn fail(
+        &mut self,
+        jobs: Vec<Job>,
+        answers: Vec<oneshot::Sender<Answer>>,
+        last: Option<u64>,
+    ) {
+        self.metrics.feed_batch(jobs.len(), false, true);
+        for (job, answer) in jobs.into_iter().zip(answers) {
+            let s = Arc::clone(&self.settings);
+            let r = self.db.write(move |c| feed_alone(c, &s, &job)).await;
+            let _ = answer.send(r);
+        }
+        if let Some(g) = last {
+            self.pipe.finished(g);
+        }
+    }
+}
+
+/// A batch whose commit failed.
+struct Failed {
+    jobs: Vec<Job>,
+    answers: Vec<oneshot::Sender<Answer>>,
+    last: Option<u64>,
+    before: Written,
+}
+
+impl Committing {
+    /// Waits for the commit: `None` once committed (and answered), else the batch to feed
+    /// again.
+    async fn outcome(self) -> Option<Failed> {
+        let Committing {
+            mut task,
+            jobs,
+            last,
+            before,
+        } = self;
+        let done = (&mut task).await;
+        Committing::failed(done, jobs, last, before)
+    }
+
+    fn failed(
+        done: std::result::Result<Option<Vec<oneshot::Sender<Answer>>>, tokio::task::JoinError>,
+        jobs: Vec<Job>,
+        last: Option<u64>,
+        before: Written,
+    ) -> Option<Failed> {
+        match done {
+            Ok(None) => None,
+            Ok(Some(answers)) => Some(Failed {
+                jobs,
+                answers,
+                last,
+                before,
+            }),
+            // The task failed: its requests were answered "not available" as it dropped
+            // their channels, so they are not fed again.
+            Err(e) => {
+                tracing::error!(error = %e, "the feed's commit task failed");
+                Some(Failed {
+                    jobs: Vec::new(),
+                    answers: Vec::new(),
+                    last,
+                    before,
+                })
+            }
         }
     }
 }
