@@ -318,21 +318,37 @@ impl Db {
         F: FnOnce(&mut DbConn) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        let (pool, kept) = (self.pool.clone(), std::sync::Arc::clone(&self.kept));
-        tokio::task::spawn_blocking(move || {
-            let slot = &kept[keeper as usize];
-            let mut conn = match slot.take() {
-                Some(c) => c,
-                None => pool.get()?,
-            };
-            let r = f(&mut conn);
-            if r.is_ok() {
-                slot.keep(conn);
-            }
-            r
-        })
-        .await
-        .map_err(|e| Error::internal(format!("database task failed: {e}")))?
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.on_kept(keeper, f))
+            .await
+            .map_err(|e| Error::internal(format!("database task failed: {e}")))?
+    }
+
+    /// `run_kept` on the calling thread, which may block.
+    fn on_kept<T, F>(&self, keeper: Keeper, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T>,
+    {
+        let slot = &self.kept[keeper as usize];
+        let mut conn = match slot.take() {
+            Some(c) => c,
+            None => self.pool.get()?,
+        };
+        let r = f(&mut conn);
+        if r.is_ok() {
+            slot.keep(conn);
+        }
+        r
+    }
+
+    /// The identity feed's matcher reading on the connection it keeps, from a thread that
+    /// may block (its own): `read_on_writer` without the trip to another thread. For
+    /// PostgreSQL, where the matcher's reads do not go through the writer.
+    pub fn read_kept<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut DbConn) -> Result<T>,
+    {
+        self.on_kept(Keeper::Matcher, f)
     }
 
     /// Returns the connections the identity feed kept to the pool (it has been idle).

@@ -151,6 +151,7 @@ async fn run(
             pipe: &pipe,
             held: &mut held,
             to_writer: &to_writer,
+            paced,
         };
         let matched = m.batch(jobs.clone()).await;
         if let Err(e) = &matched {
@@ -181,6 +182,8 @@ struct Matching<'a> {
     pipe: &'a Arc<Pipeline>,
     held: &'a mut Option<Work>,
     to_writer: &'a mpsc::Sender<Work>,
+    /// PostgreSQL's pacing (`run`): nothing is ever held.
+    paced: bool,
 }
 
 /// Runs matcher work (normalising, scoring: CPU) off the async executor.
@@ -243,6 +246,23 @@ impl Matching<'_> {
             org.clone(),
             Arc::clone(self.pipe),
         );
+        // PostgreSQL: nothing is held (the reads run on a connection of their own), so the
+        // group is matched in one trip to the matcher — begun, read on the matcher's kept
+        // connection and finished on the same thread. Each trip off the executor cost the
+        // 1M feed ~70 µs of a ~1.3 ms batch on two busy cores, three of them a group.
+        if self.paced {
+            let db = self.db.clone();
+            return on_matcher(self.matcher, move |m| {
+                if after_others && m.needs_flush() {
+                    return Ok(m.unmatched(&s, &o, subs));
+                }
+                // `begin` waits for a group that must be written first.
+                let read = m.begin(&s, &o, subs, Some(&p))?.on_writer();
+                let reading = db.read_kept(|c| read.run(c, &s, Some(&p)))?;
+                Ok(m.finish(&s, &o, reading, true))
+            })
+            .await?;
+        }
         // Nearly always nothing waits to be written first: one trip to the matcher begins.
         let begun = on_matcher(self.matcher, move |m| match m.needs_flush() {
             true => Err(subs),
