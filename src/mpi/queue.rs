@@ -470,6 +470,10 @@ impl Writer {
                             self.recover(f).await;
                         }
                     }
+                    // A commit that ends after the release keeps its connection: back too.
+                    if released {
+                        self.db.release_kept();
+                    }
                 }
                 () = &mut idle, if !released => {
                     self.db.release_kept();
