@@ -124,8 +124,15 @@ impl ManageConnection for Manager {
             .map_err(r2d2::Error::QueryError)
     }
 
-    fn has_broken(&self, _conn: &mut DbConn) -> bool {
-        false
+    /// A connection given back inside a transaction (work that failed mid-way, a rollback
+    /// that failed) or with its transaction state in error is closed, not handed to the next
+    /// caller.
+    fn has_broken(&self, conn: &mut DbConn) -> bool {
+        use diesel::connection::{TransactionManager, TransactionManagerStatus};
+        !matches!(
+            <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
+            TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
+        )
     }
 }
 
@@ -832,5 +839,40 @@ mod tests {
         assert_eq!(sqlite_pragma(&old, "page_size"), "4096");
         assert_eq!(sqlite_pragma(&old, "journal_mode"), "wal");
         assert_eq!(frames(&old), Some(WAL_RESTART_BYTES / 4096));
+    }
+
+    /// A connection given back to the pool inside a transaction (work that failed half way)
+    /// is closed: the next caller gets one outside any transaction, not the half-done one.
+    #[test]
+    fn a_connection_given_back_inside_a_transaction_is_not_handed_out_again() {
+        use diesel::connection::{
+            AnsiTransactionManager, TransactionManager, TransactionManagerStatus,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = Db::open(&DatabaseConfig {
+            url: format!("sqlite://{}", dir.path().join("hie.db").display()),
+            pool_size: 1,
+            connect_timeout_ms: 5_000,
+            busy_timeout_ms: 5_000,
+        })
+        .expect("open");
+        let depth = |conn: &mut DbConn| match AnsiTransactionManager::transaction_manager_status_mut(
+            match conn {
+                DbConn::Sqlite(c) => c,
+                DbConn::Postgresql(_) => unreachable!("a SQLite test"),
+            },
+        ) {
+            TransactionManagerStatus::Valid(v) => v.transaction_depth().map(|d| d.get()),
+            TransactionManagerStatus::InError => Some(u32::MAX),
+        };
+        {
+            let mut conn = db.get().expect("connection");
+            if let DbConn::Sqlite(c) = &mut *conn {
+                AnsiTransactionManager::begin_transaction(c).expect("begin");
+            }
+            assert_eq!(depth(&mut conn), Some(1));
+        }
+        let mut again = db.get().expect("a connection again");
+        assert_eq!(depth(&mut again), None);
     }
 }
