@@ -336,16 +336,20 @@ impl Db {
     where
         F: FnOnce(&mut DbConn) -> Result<T>,
     {
-        let slot = &self.kept[keeper as usize];
-        let mut conn = match slot.take() {
-            Some(c) => c,
-            None => self.pool.get()?,
-        };
+        let mut conn = self.checkout(keeper)?;
         let r = f(&mut conn);
         if r.is_ok() {
-            slot.keep(conn);
+            self.kept[keeper as usize].keep(conn);
         }
         r
+    }
+
+    /// The connection `keeper` kept, if it is fresh, else one from the pool (blocking).
+    fn checkout(&self, keeper: Keeper) -> Result<PooledConn> {
+        match self.kept[keeper as usize].take() {
+            Some(c) => Ok(c),
+            None => Ok(self.pool.get()?),
+        }
     }
 
     /// The identity feed's matcher reading on the connection it keeps, from a thread that
@@ -429,12 +433,9 @@ impl Db {
             true => Keeper::SecondWriter,
             false => Keeper::Writer,
         };
-        let (pool, kept) = (self.pool.clone(), std::sync::Arc::clone(&self.kept));
+        let db = self.clone();
         let opened = tokio::task::spawn_blocking(move || {
-            let mut conn = match kept[keeper as usize].take() {
-                Some(c) => c,
-                None => pool.get()?,
-            };
+            let mut conn = db.checkout(keeper)?;
             let v = {
                 let DbConn::Postgresql(pg) = &mut *conn else {
                     return Err(Error::internal("an open write needs PostgreSQL"));
@@ -450,7 +451,7 @@ impl Db {
                 v,
                 OpenWrite {
                     conn: Some(conn),
-                    kept: std::sync::Arc::clone(&kept),
+                    kept: std::sync::Arc::clone(&db.kept),
                     keeper,
                 },
             ))
@@ -747,18 +748,12 @@ impl OpenWrite {
 }
 
 impl Drop for OpenWrite {
+    /// Still holding its connection, the write was neither committed nor ended: its
+    /// transaction is open.
     fn drop(&mut self) {
-        use diesel::connection::{
-            AnsiTransactionManager, TransactionManager, TransactionManagerStatus,
-        };
+        use diesel::connection::{AnsiTransactionManager, TransactionManager};
         if let Some(DbConn::Postgresql(pg)) = self.conn.as_deref_mut() {
-            let open = matches!(
-                AnsiTransactionManager::transaction_manager_status_mut(pg),
-                TransactionManagerStatus::Valid(v) if v.transaction_depth().is_some()
-            );
-            if open {
-                let _ = AnsiTransactionManager::rollback_transaction(pg);
-            }
+            let _ = AnsiTransactionManager::rollback_transaction(pg);
         }
     }
 }

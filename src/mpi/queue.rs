@@ -465,10 +465,8 @@ impl Writer {
                         None => std::future::pending().await,
                     }
                 } => {
-                    if let Some(c) = self.committing.take() {
-                        if let Some(f) = Committing::failed(done, c.jobs, c.last, c.before) {
-                            self.recover(f).await;
-                        }
+                    if let Some(f) = self.committing.take().and_then(|c| c.settled(done)) {
+                        self.recover(f).await;
                     }
                     // A commit that ends after the release keeps its connection: back too.
                     if released {
@@ -540,23 +538,20 @@ struct Failed {
 impl Committing {
     /// Waits for the commit: `None` once committed (and answered), else the batch to feed
     /// again.
-    async fn outcome(self) -> Option<Failed> {
-        let Committing {
-            mut task,
-            jobs,
-            last,
-            before,
-        } = self;
-        let done = (&mut task).await;
-        Committing::failed(done, jobs, last, before)
+    async fn outcome(mut self) -> Option<Failed> {
+        let done = (&mut self.task).await;
+        self.settled(done)
     }
 
-    fn failed(
+    /// What its finished task (`done`) leaves to do: `None` once committed, else the batch
+    /// to feed again.
+    fn settled(
+        self,
         done: std::result::Result<Option<Vec<oneshot::Sender<Answer>>>, tokio::task::JoinError>,
-        jobs: Vec<Job>,
-        last: Option<u64>,
-        before: Written,
     ) -> Option<Failed> {
+        let Committing {
+            jobs, last, before, ..
+        } = self;
         match done {
             Ok(None) => None,
             Ok(Some(answers)) => Some(Failed {
