@@ -8,6 +8,7 @@ pub mod mpi;
 pub mod orgs;
 pub mod prepared;
 pub mod schema;
+mod sqlite_memory;
 mod wal_runs;
 
 use diesel::connection::SimpleConnection;
@@ -98,6 +99,8 @@ impl ManageConnection for Manager {
     fn connect(&self) -> Result<DbConn, r2d2::Error> {
         match &self.url {
             DbUrl::Sqlite(path) => {
+                // The allocator first: it can only be set before SQLite initialises.
+                sqlite_memory::install();
                 wal_runs::install();
                 let mut c = SqliteConnection::establish(&path.to_string_lossy())
                     .map_err(r2d2::Error::ConnectionError)?;
