@@ -574,7 +574,12 @@ pub const CROWDED: usize = 32;
 /// million people "same sounding surname, same birth year" alone is no lead, and scoring every
 /// such record is what made matching slow at scale. Any second shared key makes it one.
 pub fn rank_candidates<B: AsRef<[i64]>>(buckets: &[B], limit: usize) -> Vec<i64> {
-    let mut found: std::collections::HashMap<i64, (usize, bool)> = Default::default();
+    // FNV rather than SipHash for the ids (the matcher's hottest maps, here and in
+    // `bulk::gather`): 3 % of the matcher's CPU in the 1M import. The keys are record ids and
+    // blocking-key hashes, written by authenticated members only.
+    let ids: usize = buckets.iter().map(|b| b.as_ref().len()).sum();
+    let mut found: fnv::FnvHashMap<i64, (usize, bool)> =
+        fnv::FnvHashMap::with_capacity_and_hasher(ids, Default::default());
     for bucket in buckets {
         let bucket = bucket.as_ref();
         let crowded = bucket.len() > CROWDED;

@@ -217,7 +217,7 @@ struct PendingGroup {
     /// The pending id of `records[0]`; the others follow.
     first: i64,
     records: Vec<Candidate>,
-    keys: HashMap<KeyId, Vec<usize>>,
+    keys: fnv::FnvHashMap<KeyId, Vec<usize>>,
     identifiers: HashSet<(String, String)>,
 }
 
@@ -396,7 +396,7 @@ impl Matcher {
                 .chain(online.iter().map(|(_, p)| p))
                 .map(|p| (p.system.clone(), p.value.clone()))
                 .collect();
-            let mut keys: HashMap<KeyId, Vec<usize>> = HashMap::new();
+            let mut keys: fnv::FnvHashMap<KeyId, Vec<usize>> = fnv::FnvHashMap::default();
             let unseen = online.iter().filter(|_| online_unseen).map(|(_, p)| p);
             for (k, p) in decided
                 .iter()
@@ -1094,7 +1094,7 @@ struct Gathered {
     by_key: Vec<Vec<i64>>,
     /// Per record, its stored and pending candidates ranked (`store::rank_candidates`).
     ranked: Vec<Vec<i64>>,
-    stored: HashMap<i64, Candidate>,
+    stored: fnv::FnvHashMap<i64, Candidate>,
 }
 
 fn gather(
@@ -1107,7 +1107,7 @@ fn gather(
 ) -> Result<Gathered> {
     let limit = usize::try_from(s.max_candidates).unwrap_or(usize::MAX);
     // The batch's distinct keys, numbered; each record's keys by number.
-    let mut numbers: HashMap<KeyId, usize> = HashMap::new();
+    let mut numbers: fnv::FnvHashMap<KeyId, usize> = fnv::FnvHashMap::default();
     let mut keys: Vec<KeyId> = Vec::new();
     let record_keys: Vec<Vec<usize>> = fresh
         .iter()
@@ -1184,7 +1184,7 @@ fn gather(
     } else {
         Candidate::of_rows(rows)
     };
-    let stored: HashMap<i64, Candidate> = stored.into_iter().map(|c| (c.id, c)).collect();
+    let stored: fnv::FnvHashMap<i64, Candidate> = stored.into_iter().map(|c| (c.id, c)).collect();
     Ok(Gathered {
         fresh,
         record_keys,
