@@ -3,9 +3,8 @@
 //!
 //! With glibc's `malloc`, the pages of SQLite's page cache that a commit or a cache shrink gave
 //! back were returned to the system and faulted in again, zeroed by the kernel, on the next
-//! touch; and glibc's arenas are contended when the matcher's and the writer's connections
-//! allocate at once. mimalloc keeps per-thread heaps and, in `hie import`, keeps what it frees
-//! (`cli::keep_freed_memory`).
+//! touch (the linking member's 1M import ran ~13 % slower). mimalloc keeps per-thread heaps
+//! and, in `hie import`, keeps what it frees (`cli::keep_freed_memory`).
 
 use libsqlite3_sys as ffi;
 use std::ffi::{c_int, c_void};
@@ -57,10 +56,7 @@ unsafe extern "C" fn x_realloc(p: *mut c_void, n: c_int) -> *mut c_void {
 }
 
 unsafe extern "C" fn x_size(p: *mut c_void) -> c_int {
-    if p.is_null() {
-        return 0;
-    }
-    // SAFETY: `p` is a live block of this allocator.
+    // SAFETY: `p` is a live block of this allocator, or null (whose size mimalloc gives as 0).
     let size = unsafe { libmimalloc_sys::mi_usable_size(p) };
     c_int::try_from(size).unwrap_or(c_int::MAX)
 }
