@@ -118,6 +118,8 @@ pub struct Evaluation {
 /// A stored record as the matcher sees it.
 #[derive(Debug, Clone)]
 pub struct Candidate {
+    /// First, so that a candidate rejected by it is read from one place (`score::Sketch`).
+    pub sketch: score::Sketch,
     pub id: i64,
     pub org_id: String,
     pub enterprise_id: i64,
@@ -125,17 +127,23 @@ pub struct Candidate {
 }
 
 impl Candidate {
+    pub fn new(id: i64, org_id: String, enterprise_id: i64, demo: Demographics) -> Candidate {
+        Candidate {
+            sketch: score::Sketch::of(&demo),
+            id,
+            org_id,
+            enterprise_id,
+            demo,
+        }
+    }
+
     /// Records whose stored demographics cannot be read are left out (never matched).
     /// The rows `store::candidates` and `store::matchable` read.
     pub fn of_rows(rows: Vec<store::CandidateRow>) -> Vec<Candidate> {
         rows.into_iter()
             .filter_map(|(id, org_id, enterprise_id, demo)| {
-                Some(Candidate {
-                    id,
-                    org_id,
-                    enterprise_id,
-                    demo: serde_json::from_str(&demo).ok()?,
-                })
+                let demo = serde_json::from_str(&demo).ok()?;
+                Some(Candidate::new(id, org_id, enterprise_id, demo))
             })
             .collect()
     }
@@ -174,15 +182,26 @@ pub fn evaluate<C: std::borrow::Borrow<Candidate>>(
     candidates: &[C],
     non_matches: &HashSet<i64>,
 ) -> Evaluation {
+    let sketch = score::Sketch::of(demo);
     evaluate_scored(s, org_id, candidates, non_matches, |c| {
-        review_score(s, demo, c)
+        review_score(s, demo, &sketch, c)
     })
 }
 
 /// The record's score against a candidate if it reaches the review threshold (below it, a
 /// candidate plays no part in the decision).
-pub fn review_score(s: &MpiSettings, demo: &Demographics, c: &Candidate) -> Option<Score> {
-    score::score_at_least(demo, &c.demo, &s.weights, s.thresholds.review)
+/// `sketch`: the record's (`score::Sketch::of(demo)`).
+pub fn review_score(
+    s: &MpiSettings,
+    demo: &Demographics,
+    sketch: &score::Sketch,
+    c: &Candidate,
+) -> Option<Score> {
+    let floor = s.thresholds.review;
+    if !score::may_reach(sketch, &c.sketch, &s.weights, floor) {
+        return None;
+    }
+    score::score_at_least(demo, &c.demo, &s.weights, floor)
 }
 
 /// `evaluate` with the candidates' scores from `score_of` (as `review_score` gives them):

@@ -38,6 +38,9 @@ fn edits(a: &str, b: &str) -> usize {
     if x.len().abs_diff(y.len()) > 2 {
         return 3;
     }
+    // One edit changes the byte counts by at most 2 (a substitution: one down, one up). The
+    // counts summed over the bytes present, each once (its count cleared as it is taken), not
+    // over all 256: this bound settles most of the millions of pairs a bulk load compares.
     let mut counts = [0i32; 256];
     for &c in x {
         counts[c as usize] += 1;
@@ -45,8 +48,10 @@ fn edits(a: &str, b: &str) -> usize {
     for &c in y {
         counts[c as usize] -= 1;
     }
-    // One edit changes the byte counts by at most 2 (a substitution: one down, one up).
-    let apart: i32 = counts.iter().map(|c| c.abs()).sum();
+    let mut apart = 0;
+    for &c in x.iter().chain(y) {
+        apart += std::mem::take(&mut counts[c as usize]).abs();
+    }
     if apart > 4 {
         return 3;
     }
@@ -559,9 +564,15 @@ fn street_level(a: &str, b: &str) -> Level {
     if jw >= 0.93 {
         return Level::Close;
     }
-    let ta: Vec<&str> = a.split(' ').collect();
-    let shared = b.split(' ').filter(|w| ta.contains(w)).count();
-    if jw >= 0.85 || shared * 2 >= ta.len().max(b.split(' ').count()) {
+    if jw >= 0.85 {
+        return Level::Similar;
+    }
+    // Tokens of b also in a (a few words each: counted in place, nothing allocated).
+    let shared = b
+        .split(' ')
+        .filter(|w| a.split(' ').any(|t| t == *w))
+        .count();
+    if shared * 2 >= a.split(' ').count().max(b.split(' ').count()) {
         Level::Similar
     } else {
         Level::Disagree
@@ -596,11 +607,8 @@ pub fn score_at_least(
     w: &Weights,
     floor: f64,
 ) -> Option<Score> {
-    let names: f64 = [(&a.given, &b.given, 0), (&a.family, &b.family, 1)]
-        .iter()
-        .filter(|(x, y, _)| x.is_some() && y.is_some())
-        .map(|(_, _, f)| w.best[*f])
-        .sum();
+    let given = a.given.is_some() && b.given.is_some();
+    let names = names_at_best(w, given, a.family.is_some() && b.family.is_some());
     let rest = others(a, b, w, floor - names)?;
     // The margin covers rounding: the bound is summed in another order than the score.
     if rest.total + names + 1e-9 < floor {
@@ -608,6 +616,281 @@ pub fn score_at_least(
     }
     let s = finish(a, b, w, &rest);
     (s.total >= floor).then_some(s)
+}
+
+/// What the names could add at best, by whether each is held on both sides.
+fn names_at_best(w: &Weights, given: bool, family: bool) -> f64 {
+    [(given, 0), (family, 1)]
+        .iter()
+        .filter(|(both, _)| *both)
+        .map(|(_, f)| w.best[*f])
+        .sum()
+}
+
+/// Two national/insurance ids of one system.
+fn shared_level(a: &str, b: &str) -> Level {
+    match edits(a, b) {
+        0 => Level::Exact,
+        1 => Level::Typo,
+        2 if a.len() >= 6 => Level::Similar,
+        _ => Level::Disagree,
+    }
+}
+
+fn gender_level(a: &str, b: &str) -> Level {
+    if a == b {
+        Level::Agree
+    } else {
+        Level::Disagree
+    }
+}
+
+/// Where `others` keeps postcode, street and city.
+const POSTCODE: usize = 2;
+const STREET: usize = 3;
+const CITY: usize = 4;
+
+/// Street, postcode and city are not independent evidence: together they count at most as
+/// much as an exact street and a bit more. What the cap takes off (zero or less).
+fn address_cap(w: &Weights, weights: &[f64; 7]) -> f64 {
+    let address: f64 = weights[POSTCODE..=CITY].iter().map(|x| x.max(0.0)).sum();
+    (w.address_cap() - address).min(0.0)
+}
+
+/// The weights of `OTHER_FIELDS` summed, the address cap applied.
+fn capped_total(w: &Weights, weights: &[f64; 7]) -> f64 {
+    weights.iter().sum::<f64>() + address_cap(w, weights)
+}
+
+/// What `score_at_least` rejects most pairs by — which fields are held; birth date, gender,
+/// phone, a national id, postcode and street — inline in two cache lines. A bulk load scores
+/// each record against ~20 stored candidates and rejects all but a handful (in the 1M load,
+/// after comparing postcode and street); read from the candidates' `Demographics` (strings,
+/// the id list and its system on the heap), those rejections were mostly waits for memory
+/// (`BENCHMARKS.md`, session 23). Values too long to keep inline count at their best.
+#[derive(Clone, Debug)]
+#[repr(C, align(64))]
+pub struct Sketch {
+    /// Which fields are held (`HELD_*`).
+    held: u16,
+    /// Held fields too long to keep inline (`WIDE_*`).
+    wide: u8,
+    date_len: u8,
+    gender_len: u8,
+    phone_len: u8,
+    postcode_len: u8,
+    id_len: u8,
+    system_len: u8,
+    street_len: u8,
+    date: [u8; 10],
+    gender: [u8; 8],
+    phone: [u8; 10],
+    postcode: [u8; 10],
+    /// The one national id's value and system (`WIDE_ID` when several, or long).
+    id: [u8; 16],
+    system: [u8; 32],
+    street: [u8; 32],
+}
+
+const HELD_GIVEN: u16 = 1;
+const HELD_FAMILY: u16 = 1 << 1;
+const HELD_DATE: u16 = 1 << 2;
+const HELD_GENDER: u16 = 1 << 3;
+const HELD_POSTCODE: u16 = 1 << 4;
+const HELD_STREET: u16 = 1 << 5;
+const HELD_CITY: u16 = 1 << 6;
+const HELD_PHONE: u16 = 1 << 7;
+const HELD_ID: u16 = 1 << 8;
+const WIDE_DATE: u8 = 1;
+const WIDE_GENDER: u8 = 1 << 1;
+const WIDE_PHONE: u8 = 1 << 2;
+const WIDE_ID: u8 = 1 << 3;
+const WIDE_POSTCODE: u8 = 1 << 4;
+const WIDE_STREET: u8 = 1 << 5;
+
+impl Sketch {
+    pub fn of(d: &Demographics) -> Sketch {
+        let mut k = Sketch {
+            held: 0,
+            wide: 0,
+            date_len: 0,
+            gender_len: 0,
+            phone_len: 0,
+            postcode_len: 0,
+            id_len: 0,
+            system_len: 0,
+            street_len: 0,
+            date: [0; 10],
+            gender: [0; 8],
+            phone: [0; 10],
+            postcode: [0; 10],
+            id: [0; 16],
+            system: [0; 32],
+            street: [0; 32],
+        };
+        for (held, v) in [
+            (HELD_GIVEN, &d.given),
+            (HELD_FAMILY, &d.family),
+            (HELD_CITY, &d.city),
+        ] {
+            if v.is_some() {
+                k.held |= held;
+            }
+        }
+        let inline = |v: &str, buf: &mut [u8], len: &mut u8| -> bool {
+            let fits = v.len() <= buf.len();
+            if fits {
+                buf[..v.len()].copy_from_slice(v.as_bytes());
+                *len = v.len() as u8;
+            }
+            fits
+        };
+        for (v, held, wide, buf, len) in [
+            (
+                &d.birth_date,
+                HELD_DATE,
+                WIDE_DATE,
+                &mut k.date[..],
+                &mut k.date_len,
+            ),
+            (
+                &d.gender,
+                HELD_GENDER,
+                WIDE_GENDER,
+                &mut k.gender[..],
+                &mut k.gender_len,
+            ),
+            (
+                &d.phone,
+                HELD_PHONE,
+                WIDE_PHONE,
+                &mut k.phone[..],
+                &mut k.phone_len,
+            ),
+            (
+                &d.postcode,
+                HELD_POSTCODE,
+                WIDE_POSTCODE,
+                &mut k.postcode[..],
+                &mut k.postcode_len,
+            ),
+            (
+                &d.street,
+                HELD_STREET,
+                WIDE_STREET,
+                &mut k.street[..],
+                &mut k.street_len,
+            ),
+        ] {
+            if let Some(v) = v {
+                k.held |= held;
+                if !inline(v, buf, len) {
+                    k.wide |= wide;
+                }
+            }
+        }
+        if let Some((system, id)) = d.shared_ids.first() {
+            k.held |= HELD_ID;
+            let fits = d.shared_ids.len() == 1
+                && inline(id, &mut k.id, &mut k.id_len)
+                && inline(system, &mut k.system, &mut k.system_len);
+            if !fits {
+                k.wide |= WIDE_ID;
+            }
+        }
+        k
+    }
+}
+
+/// An inline value as text: copied whole from a `str` (`Sketch::of`), always UTF-8.
+fn inline_text(buf: &[u8], len: u8) -> &str {
+    std::str::from_utf8(buf.get(..usize::from(len)).unwrap_or_default()).unwrap_or_default()
+}
+
+/// Whether a pair could reach `floor`: `false` only for pairs `score_at_least` rejects. The
+/// same bounds `others` checks, computed alike, in the same order — with city, which is not
+/// inline, at its best — and a wider rounding margin: the scores of the pairs let through are
+/// unchanged.
+pub fn may_reach(a: &Sketch, b: &Sketch, w: &Weights, floor: f64) -> bool {
+    let both = |held: u16| a.held & b.held & held != 0;
+    let inline = |held: u16, wide: u8| both(held) && (a.wide | b.wide) & wide == 0;
+    let need = floor - names_at_best(w, both(HELD_GIVEN), both(HELD_FAMILY));
+    let mut weights = [0.0; 7];
+    type Inline = (
+        usize,
+        u16,
+        u8,
+        fn(&str, &str) -> Level,
+        fn(&Sketch) -> (&[u8], u8),
+    );
+    let cheap: [Inline; 3] = [
+        (0, HELD_DATE, WIDE_DATE, date_level, |k| {
+            (&k.date, k.date_len)
+        }),
+        (1, HELD_GENDER, WIDE_GENDER, gender_level, |k| {
+            (&k.gender, k.gender_len)
+        }),
+        (
+            5,
+            HELD_PHONE,
+            WIDE_PHONE,
+            |x, y| edit_level(x, y, Level::Close),
+            |k| (&k.phone, k.phone_len),
+        ),
+    ];
+    let level = |field: fn(&Sketch) -> (&[u8], u8), compare: fn(&str, &str) -> Level| {
+        let ((x, xl), (y, yl)) = (field(a), field(b));
+        compare(inline_text(x, xl), inline_text(y, yl))
+    };
+    for (i, held, wide, compare, field) in cheap {
+        if both(held) {
+            weights[i] = match inline(held, wide) {
+                true => w.at(OTHER_FIELDS[i], level(field, compare)),
+                false => w.best[i + 2],
+            };
+        }
+    }
+    if both(HELD_ID) {
+        weights[6] = if !inline(HELD_ID, WIDE_ID) {
+            w.best[8]
+        } else if a.system_len == b.system_len && a.system == b.system {
+            w.at(Field::SharedId, level(|k| (&k.id, k.id_len), shared_level))
+        } else {
+            0.0
+        };
+    }
+    for (i, held) in [
+        (POSTCODE, HELD_POSTCODE),
+        (STREET, HELD_STREET),
+        (CITY, HELD_CITY),
+    ] {
+        if both(held) {
+            weights[i] = w.best[i + 2];
+        }
+    }
+    let address: [Inline; 2] = [
+        (
+            POSTCODE,
+            HELD_POSTCODE,
+            WIDE_POSTCODE,
+            |x, y| edit_level(x, y, Level::Close),
+            |k| (&k.postcode, k.postcode_len),
+        ),
+        (STREET, HELD_STREET, WIDE_STREET, street_level, |k| {
+            (&k.street, k.street_len)
+        }),
+    ];
+    for (i, held, wide, compare, field) in address {
+        if both(held) {
+            if capped_total(w, &weights) + 2e-9 < need {
+                return false;
+            }
+            if inline(held, wide) {
+                weights[i] = w.at(OTHER_FIELDS[i], level(field, compare));
+            }
+        }
+    }
+    capped_total(w, &weights) + 2e-9 >= need
 }
 
 /// The levels of the fields other than the names, and their weights' sum with the address cap
@@ -635,29 +918,15 @@ const OTHER_FIELDS: [Field; 7] = [
 /// distance and Jaro–Winkler — only while, at their best, they could still lift the sum that
 /// far: most candidates a blocking key brings are other people, settled by the cheap fields.
 fn others(a: &Demographics, b: &Demographics, w: &Weights, need: f64) -> Option<Others> {
-    const POSTCODE: usize = 2;
-    const STREET: usize = 3;
-    const CITY: usize = 4;
     let shared = a.shared_ids.iter().find_map(|(sys, va)| {
         b.shared_ids
             .iter()
             .find(|(s, _)| s == sys)
-            .map(|(_, vb)| match edits(va, vb) {
-                0 => Level::Exact,
-                1 => Level::Typo,
-                2 if va.len() >= 6 => Level::Similar,
-                _ => Level::Disagree,
-            })
+            .map(|(_, vb)| shared_level(va, vb))
     });
     let mut levels = [
         both(&a.birth_date, &b.birth_date).map(|(x, y)| date_level(x, y)),
-        both(&a.gender, &b.gender).map(|(x, y)| {
-            if x == y {
-                Level::Agree
-            } else {
-                Level::Disagree
-            }
-        }),
+        both(&a.gender, &b.gender).map(|(x, y)| gender_level(x, y)),
         None,
         None,
         None,
@@ -668,13 +937,7 @@ fn others(a: &Demographics, b: &Demographics, w: &Weights, need: f64) -> Option<
     for (i, l) in levels.iter().enumerate() {
         weights[i] = l.map_or(0.0, |l| w.at(OTHER_FIELDS[i], l));
     }
-    // Street, postcode and city are not independent evidence: together they count at most as
-    // much as an exact street and a bit more.
-    let address_cap = |weights: &[f64; 7]| -> f64 {
-        let address: f64 = weights[POSTCODE..=CITY].iter().map(|x| x.max(0.0)).sum();
-        (w.address_cap() - address).min(0.0)
-    };
-    let total = |weights: &[f64; 7]| weights.iter().sum::<f64>() + address_cap(weights);
+    let total = |weights: &[f64; 7]| capped_total(w, weights);
     /// A field's place, both sides' values, and how they compare.
     type Compared<'a> = (usize, Option<(&'a str, &'a str)>, fn(&str, &str) -> Level);
     let address: [Compared; 3] = [
@@ -707,7 +970,7 @@ fn others(a: &Demographics, b: &Demographics, w: &Weights, need: f64) -> Option<
     Some(Others {
         levels,
         total: total(&weights),
-        address_cap: address_cap(&weights),
+        address_cap: address_cap(w, &weights),
     })
 }
 
@@ -1002,18 +1265,37 @@ mod tests {
             )]
             .into(),
         );
-        let (mut kept, mut pruned) = (0, 0);
+        // Some with values too long to sketch inline, or several national ids.
+        for (i, d) in records.iter_mut().enumerate() {
+            match i % 11 {
+                3 => d.street = d.street.as_ref().map(|s| format!("{s} {s} {s}").into()),
+                5 => d
+                    .shared_ids
+                    .push(("urn:oid:2.16.840.1.113883.4.1".into(), "12".into())),
+                7 => d.phone = d.phone.as_ref().map(|p| format!("{p}{p}").into()),
+                _ => {}
+            }
+        }
+        let sketches: Vec<Sketch> = records.iter().map(Sketch::of).collect();
+        let (mut kept, mut pruned, mut sketched) = (0, 0, 0);
         for (i, a) in records.iter().enumerate() {
             // Its own variant, and a spread of others.
-            for b in records
+            for (j, b) in records
                 .iter()
+                .enumerate()
                 .skip(i / 2 * 2)
                 .take(2)
-                .chain(records.iter().step_by(7))
+                .chain(records.iter().enumerate().step_by(7))
             {
                 for w in [&w, &tf] {
                     let full = score(a, b, w);
                     for floor in [4.0, 11.0, 18.5] {
+                        // The sketch rejects only what `score_at_least` rejects.
+                        if !may_reach(&sketches[i], &sketches[j], w, floor) {
+                            assert!(full.total < floor, "{a:?} {b:?} {full:?}");
+                            assert_eq!(score_at_least(a, b, w, floor), None);
+                            sketched += 1;
+                        }
                         match score_at_least(a, b, w, floor) {
                             Some(s) => {
                                 assert_eq!(s, full);
@@ -1030,6 +1312,7 @@ mod tests {
             }
         }
         assert!(kept > 1000 && pruned > 1000, "kept {kept}, pruned {pruned}");
+        assert!(sketched > pruned / 2, "sketched {sketched} of {pruned}");
     }
 
     fn person(given: &str, family: &str, dob: &str, street: &str, postcode: &str) -> Demographics {
@@ -1087,6 +1370,25 @@ mod tests {
         assert_eq!(edits("123456789", "234567891"), 2);
         assert_eq!(edits("12345", "67890"), 3);
         assert_eq!(edits("1", "12345"), 3);
+    }
+
+    #[test]
+    fn edits_agree_with_the_full_distance() {
+        // Pairs of short strings over a small alphabet (repeats, shifts, swaps): the bound
+        // must never hide a distance of 2 or less.
+        let words: Vec<String> = (0u32..400)
+            .map(|n| {
+                let len = 3 + (n % 5) as usize;
+                (0..len)
+                    .map(|i| char::from(b'0' + ((n / 7 + i as u32 * (n % 3 + 1)) % 4) as u8))
+                    .collect()
+            })
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(edits(a, b), osa_distance(a, b).min(3), "{a} / {b}");
+            }
+        }
     }
 
     #[test]
