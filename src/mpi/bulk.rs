@@ -1237,17 +1237,28 @@ fn decide(
     // Each record against its stored and pending candidates: scored ahead, on two threads
     // for a large batch (a bulk load's matching is mostly scoring). What the batch's own
     // earlier records add is scored below, in order.
-    let prescore = |records: &[Accepted], ranked: &[Vec<i64>]| -> Vec<Prescored> {
-        records
-            .iter()
-            .zip(ranked)
-            .map(|((_, p), ranked)| {
-                ranked
-                    .iter()
-                    .map(|&id| candidate(id).and_then(|c| review_score(s, &p.demo, &p.sketch, c)))
-                    .collect()
-            })
+    // A record's candidates are looked up, and their sketches fetched from memory, while the
+    // record before it is scored: the candidates are scattered over hundreds of megabytes, and
+    // each rejection is quicker than a wait for memory (`score::Sketch`).
+    let look_up = |ids: &[i64]| -> Vec<Option<&Candidate>> {
+        ids.iter()
+            .map(|&id| candidate(id).inspect(|c| prefetch(&c.sketch)))
             .collect()
+    };
+    let prescore = |records: &[Accepted], ranked: &[Vec<i64>]| -> Vec<Prescored> {
+        let mut next = ranked.first().map(|r| look_up(r));
+        let mut out = Vec::with_capacity(records.len());
+        for (i, (_, p)) in records.iter().enumerate() {
+            let cands = next.take().unwrap_or_default();
+            next = ranked.get(i + 1).map(|r| look_up(r));
+            out.push(
+                cands
+                    .into_iter()
+                    .map(|c| c.and_then(|c| review_score(s, &p.demo, &p.sketch, c)))
+                    .collect(),
+            );
+        }
+        out
     };
     let prescored: Vec<Prescored> = if fresh.len() >= PARALLEL_SCORING {
         let half = fresh.len() / 2;
@@ -1338,6 +1349,21 @@ fn decide(
         });
     }
     (decided, deferred, batch)
+}
+
+/// Asks the processor to bring `x` into its cache (a hint: nothing is read, nothing can fail).
+#[inline]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of every x86_64 processor, and a prefetch neither reads nor faults,
+    // whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+            (x as *const T).cast(),
+        )
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 /// `first` here and `second` on another thread, their results in that order. A panic in
