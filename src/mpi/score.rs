@@ -675,21 +675,44 @@ pub struct Sketch {
     held: u16,
     /// Held fields too long to keep inline (`WIDE_*`).
     wide: u8,
-    date_len: u8,
-    gender_len: u8,
-    phone_len: u8,
-    postcode_len: u8,
-    id_len: u8,
-    system_len: u8,
-    street_len: u8,
-    date: [u8; 10],
-    gender: [u8; 8],
-    phone: [u8; 10],
-    postcode: [u8; 10],
+    date: Inline<10>,
+    gender: Inline<8>,
+    phone: Inline<10>,
+    postcode: Inline<10>,
     /// The one national id's value and system (`WIDE_ID` when several, or long).
-    id: [u8; 16],
-    system: [u8; 32],
-    street: [u8; 32],
+    id: Inline<16>,
+    system: Inline<32>,
+    street: Inline<32>,
+}
+
+/// A short text copied in place: its length, then its bytes, zeros after them.
+#[derive(Clone, Debug, PartialEq)]
+struct Inline<const N: usize> {
+    len: u8,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Inline<N> {
+    const EMPTY: Inline<N> = Inline {
+        len: 0,
+        bytes: [0; N],
+    };
+
+    /// Copies `v` in when it fits; `false` (nothing copied) when it does not.
+    fn set(&mut self, v: &str) -> bool {
+        let fits = v.len() <= N;
+        if fits {
+            self.bytes[..v.len()].copy_from_slice(v.as_bytes());
+            self.len = v.len() as u8;
+        }
+        fits
+    }
+
+    fn text(&self) -> &str {
+        // Copied whole from a `str` (`set`): always UTF-8.
+        std::str::from_utf8(self.bytes.get(..usize::from(self.len)).unwrap_or_default())
+            .unwrap_or_default()
+    }
 }
 
 const HELD_GIVEN: u16 = 1;
@@ -713,98 +736,45 @@ impl Sketch {
         let mut k = Sketch {
             held: 0,
             wide: 0,
-            date_len: 0,
-            gender_len: 0,
-            phone_len: 0,
-            postcode_len: 0,
-            id_len: 0,
-            system_len: 0,
-            street_len: 0,
-            date: [0; 10],
-            gender: [0; 8],
-            phone: [0; 10],
-            postcode: [0; 10],
-            id: [0; 16],
-            system: [0; 32],
-            street: [0; 32],
+            date: Inline::EMPTY,
+            gender: Inline::EMPTY,
+            phone: Inline::EMPTY,
+            postcode: Inline::EMPTY,
+            id: Inline::EMPTY,
+            system: Inline::EMPTY,
+            street: Inline::EMPTY,
         };
-        for (held, v) in [
-            (HELD_GIVEN, &d.given),
-            (HELD_FAMILY, &d.family),
-            (HELD_CITY, &d.city),
-        ] {
-            if v.is_some() {
-                k.held |= held;
-            }
-        }
-        let inline = |v: &str, buf: &mut [u8], len: &mut u8| -> bool {
-            let fits = v.len() <= buf.len();
-            if fits {
-                buf[..v.len()].copy_from_slice(v.as_bytes());
-                *len = v.len() as u8;
-            }
-            fits
-        };
-        for (v, held, wide, buf, len) in [
-            (
-                &d.birth_date,
-                HELD_DATE,
-                WIDE_DATE,
-                &mut k.date[..],
-                &mut k.date_len,
-            ),
-            (
-                &d.gender,
-                HELD_GENDER,
-                WIDE_GENDER,
-                &mut k.gender[..],
-                &mut k.gender_len,
-            ),
-            (
-                &d.phone,
-                HELD_PHONE,
-                WIDE_PHONE,
-                &mut k.phone[..],
-                &mut k.phone_len,
-            ),
-            (
-                &d.postcode,
-                HELD_POSTCODE,
-                WIDE_POSTCODE,
-                &mut k.postcode[..],
-                &mut k.postcode_len,
-            ),
-            (
-                &d.street,
-                HELD_STREET,
-                WIDE_STREET,
-                &mut k.street[..],
-                &mut k.street_len,
-            ),
-        ] {
-            if let Some(v) = v {
-                k.held |= held;
-                if !inline(v, buf, len) {
-                    k.wide |= wide;
+        let (mut held, mut wide) = (0, 0);
+        // A field held (`Some`), and whether it was copied in.
+        let mut note = |h: u16, w: u8, copied: Option<bool>| {
+            if let Some(copied) = copied {
+                held |= h;
+                if !copied {
+                    wide |= w;
                 }
             }
-        }
-        if let Some((system, id)) = d.shared_ids.first() {
-            k.held |= HELD_ID;
-            let fits = d.shared_ids.len() == 1
-                && inline(id, &mut k.id, &mut k.id_len)
-                && inline(system, &mut k.system, &mut k.system_len);
-            if !fits {
-                k.wide |= WIDE_ID;
-            }
-        }
+        };
+        note(HELD_GIVEN, 0, d.given.as_ref().map(|_| true));
+        note(HELD_FAMILY, 0, d.family.as_ref().map(|_| true));
+        note(HELD_CITY, 0, d.city.as_ref().map(|_| true));
+        let date = d.birth_date.as_deref().map(|v| k.date.set(v));
+        note(HELD_DATE, WIDE_DATE, date);
+        let gender = d.gender.as_deref().map(|v| k.gender.set(v));
+        note(HELD_GENDER, WIDE_GENDER, gender);
+        let phone = d.phone.as_deref().map(|v| k.phone.set(v));
+        note(HELD_PHONE, WIDE_PHONE, phone);
+        let postcode = d.postcode.as_deref().map(|v| k.postcode.set(v));
+        note(HELD_POSTCODE, WIDE_POSTCODE, postcode);
+        let street = d.street.as_deref().map(|v| k.street.set(v));
+        note(HELD_STREET, WIDE_STREET, street);
+        let id = d
+            .shared_ids
+            .first()
+            .map(|(system, id)| d.shared_ids.len() == 1 && k.id.set(id) && k.system.set(system));
+        note(HELD_ID, WIDE_ID, id);
+        (k.held, k.wide) = (held, wide);
         k
     }
-}
-
-/// An inline value as text: copied whole from a `str` (`Sketch::of`), always UTF-8.
-fn inline_text(buf: &[u8], len: u8) -> &str {
-    std::str::from_utf8(buf.get(..usize::from(len)).unwrap_or_default()).unwrap_or_default()
 }
 
 /// Whether a pair could reach `floor`: `false` only for pairs `score_at_least` rejects. The
@@ -816,32 +786,23 @@ pub fn may_reach(a: &Sketch, b: &Sketch, w: &Weights, floor: f64) -> bool {
     let inline = |held: u16, wide: u8| both(held) && (a.wide | b.wide) & wide == 0;
     let need = floor - names_at_best(w, both(HELD_GIVEN), both(HELD_FAMILY));
     let mut weights = [0.0; 7];
-    type Inline = (
-        usize,
-        u16,
-        u8,
-        fn(&str, &str) -> Level,
-        fn(&Sketch) -> (&[u8], u8),
-    );
-    let cheap: [Inline; 3] = [
-        (0, HELD_DATE, WIDE_DATE, date_level, |k| {
-            (&k.date, k.date_len)
-        }),
+    /// A field's place, its bits, how it compares, and where the sketch holds it.
+    type Compared = (usize, u16, u8, fn(&str, &str) -> Level, fn(&Sketch) -> &str);
+    let level =
+        |field: fn(&Sketch) -> &str, compare: fn(&str, &str) -> Level| compare(field(a), field(b));
+    let cheap: [Compared; 3] = [
+        (0, HELD_DATE, WIDE_DATE, date_level, |k| k.date.text()),
         (1, HELD_GENDER, WIDE_GENDER, gender_level, |k| {
-            (&k.gender, k.gender_len)
+            k.gender.text()
         }),
         (
             5,
             HELD_PHONE,
             WIDE_PHONE,
             |x, y| edit_level(x, y, Level::Close),
-            |k| (&k.phone, k.phone_len),
+            |k| k.phone.text(),
         ),
     ];
-    let level = |field: fn(&Sketch) -> (&[u8], u8), compare: fn(&str, &str) -> Level| {
-        let ((x, xl), (y, yl)) = (field(a), field(b));
-        compare(inline_text(x, xl), inline_text(y, yl))
-    };
     for (i, held, wide, compare, field) in cheap {
         if both(held) {
             weights[i] = match inline(held, wide) {
@@ -853,8 +814,8 @@ pub fn may_reach(a: &Sketch, b: &Sketch, w: &Weights, floor: f64) -> bool {
     if both(HELD_ID) {
         weights[6] = if !inline(HELD_ID, WIDE_ID) {
             w.best[8]
-        } else if a.system_len == b.system_len && a.system == b.system {
-            w.at(Field::SharedId, level(|k| (&k.id, k.id_len), shared_level))
+        } else if a.system == b.system {
+            w.at(Field::SharedId, level(|k| k.id.text(), shared_level))
         } else {
             0.0
         };
@@ -868,16 +829,16 @@ pub fn may_reach(a: &Sketch, b: &Sketch, w: &Weights, floor: f64) -> bool {
             weights[i] = w.best[i + 2];
         }
     }
-    let address: [Inline; 2] = [
+    let address: [Compared; 2] = [
         (
             POSTCODE,
             HELD_POSTCODE,
             WIDE_POSTCODE,
             |x, y| edit_level(x, y, Level::Close),
-            |k| (&k.postcode, k.postcode_len),
+            |k| k.postcode.text(),
         ),
         (STREET, HELD_STREET, WIDE_STREET, street_level, |k| {
-            (&k.street, k.street_len)
+            k.street.text()
         }),
     ];
     for (i, held, wide, compare, field) in address {
@@ -1370,6 +1331,12 @@ mod tests {
         assert_eq!(edits("123456789", "234567891"), 2);
         assert_eq!(edits("12345", "67890"), 3);
         assert_eq!(edits("1", "12345"), 3);
+    }
+
+    #[test]
+    fn a_sketch_is_two_cache_lines() {
+        assert_eq!(std::mem::size_of::<Sketch>(), 128);
+        assert_eq!(std::mem::align_of::<Sketch>(), 64);
     }
 
     #[test]
