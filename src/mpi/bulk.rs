@@ -1127,15 +1127,23 @@ fn gather(
                 .collect()
         })
         .collect();
-    let mut stored_by_key: Vec<Vec<i64>> = vec![Vec::new(); keys.len()];
     // Already read (for all of the batch's records, fresh or not), or read now.
-    let hits = match hits {
+    let hits: Vec<(usize, i64)> = match hits {
         Some(hits) => hits
             .into_iter()
             .filter_map(|(key, id)| Some((*numbers.get(&key)?, id)))
             .collect(),
         None => store::key_hits(conn, &keys)?,
     };
+    // Each bucket sized once: millions of hits a bulk batch, pushed into buckets growing by
+    // doubling, took a third of a gigabyte of fresh memory.
+    let mut sizes = vec![0usize; keys.len()];
+    for (k, _) in &hits {
+        if let Some(n) = sizes.get_mut(*k) {
+            *n += 1;
+        }
+    }
+    let mut stored_by_key: Vec<Vec<i64>> = sizes.into_iter().map(Vec::with_capacity).collect();
     for (k, id) in hits {
         if let Some(bucket) = stored_by_key.get_mut(k) {
             if !shadow.contains(&id) {
@@ -1184,7 +1192,11 @@ fn gather(
     // hundreds of thousands).
     let stored = if rows.len() >= 4 * PARALLEL_SCORING {
         let second = rows.split_off(rows.len() / 2);
-        on_two_threads(|| Candidate::of_rows(rows), || Candidate::of_rows(second))
+        on_two_threads(
+            rows.len() + second.len(),
+            |out| Candidate::extend_of_rows(out, rows),
+            || Candidate::of_rows(second),
+        )
     } else {
         Candidate::of_rows(rows)
     };
@@ -1263,7 +1275,8 @@ fn decide(
     let prescored: Vec<Prescored> = if fresh.len() >= PARALLEL_SCORING {
         let half = fresh.len() / 2;
         on_two_threads(
-            || prescore(&fresh[..half], &stored_ranked[..half]),
+            fresh.len(),
+            |out| out.extend(prescore(&fresh[..half], &stored_ranked[..half])),
             || prescore(&fresh[half..], &stored_ranked[half..]),
         )
     } else {
@@ -1366,15 +1379,19 @@ fn prefetch<T>(x: &T) {
     let _ = x;
 }
 
-/// `first` here and `second` on another thread, their results in that order. A panic in
-/// either goes on as it would on one thread.
+/// `first` here and `second` on another thread, their results in that order, in one vector
+/// of `capacity` that `first` fills first (extended by the second half, a vector of half a
+/// batch's candidates was copied into fresh memory). A panic in either goes on as it would on
+/// one thread.
 fn on_two_threads<T: Send>(
-    first: impl FnOnce() -> Vec<T>,
+    capacity: usize,
+    first: impl FnOnce(&mut Vec<T>),
     second: impl FnOnce() -> Vec<T> + Send,
 ) -> Vec<T> {
     std::thread::scope(|scope| {
         let second = scope.spawn(second);
-        let mut all = first();
+        let mut all = Vec::with_capacity(capacity);
+        first(&mut all);
         all.extend(
             second
                 .join()
