@@ -1614,7 +1614,7 @@ mod tests {
             diesel::SqliteConnection::establish(&path.to_string_lossy()).expect("open"),
         );
         conn.batch_execute(
-            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;              CREATE TABLE t (x BLOB)",
+            "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (x BLOB)",
         )
         .expect("schema");
         let wal = || std::fs::metadata(dir.path().join("load.db-wal")).map_or(0, |m| m.len());
