@@ -50,7 +50,8 @@ pub enum Command {
         #[arg(long)]
         org: String,
         file: PathBuf,
-        /// Records per transaction (matched in order, written together).
+        /// Records per batch: matched together, one audit record each. A transaction holds
+        /// whole batches, up to 200,000 records.
         #[arg(long, default_value_t = 50_000)]
         batch: usize,
     },
@@ -630,6 +631,10 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// Records `hie import` writes in one transaction, in whole batches, before it commits (see
+/// `import`).
+const TX_RECORDS: usize = 200_000;
+
 fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> Result<()> {
     use crate::mpi::bulk::{write_group, Matched, Matcher, Pipeline, Submission, Written};
     use std::io::BufRead;
@@ -671,44 +676,49 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             let mut written = Written::default();
             let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
             let mut upkeep = db::mpi::LoadUpkeep::new(&mut conn)?;
-            for (m, numbers) in batches {
-                let group = m.group();
-                let first_line = numbers.first().copied().unwrap_or_default();
-                let last_line = numbers.last().copied().unwrap_or_default();
+            let batches = batches;
+            // A transaction takes the next batches as they come, up to `TX_RECORDS`: each
+            // commit copies every index page the batch dirtied into the write-ahead log —
+            // nearly every leaf of the random indexes — so fewer commits write less. It ends
+            // sooner at the last batch, or after a batch whose records the matcher waits to
+            // see written.
+            while let Ok(first) = batches.recv() {
                 let before = written.clone();
+                let mut done: Vec<(Vec<usize>, Vec<Result<crate::mpi::FeedResult>>)> = Vec::new();
+                let mut last_group = first.0.group();
                 let results = db::write_tx(&mut conn, |c| {
-                    write_group(c, &settings, &mut written, m, Some(&pipe), |c, rs| {
-                        let fed: Vec<&crate::mpi::FeedResult> =
-                            rs.iter().filter_map(|r| r.as_ref().ok()).collect();
-                        let record = crate::audit::AuditRecord::new(
-                            &actor,
-                            "admin",
-                            crate::audit::Action::Create,
-                            "patient-feed",
-                        )
-                        .entity(format!("Organization/{}", org.id))
-                        .query(format!(
-                            "import {} lines {first_line}-{last_line}",
-                            file.display()
-                        ))
-                        .outcome(
-                            crate::audit::Outcome::Success,
-                            format!(
-                                "bulk import: {} record(s) fed ({} linked), {} refused; source records {}",
-                                fed.len(),
-                                fed.iter().filter(|r| r.outcome == "linked").count(),
-                                rs.len() - fed.len(),
-                                source_span(&fed)
-                            ),
+                    let mut next = Some(first);
+                    let mut records = 0;
+                    while let Some((m, numbers)) = next.take() {
+                        last_group = m.group();
+                        let holds_up = m.holds_up_next();
+                        let lines = (
+                            numbers.first().copied().unwrap_or_default(),
+                            numbers.last().copied().unwrap_or_default(),
                         );
-                        db::audit::append(c, &[record]).map(|_| ())
-                    })
+                        let results =
+                            write_group(c, &settings, &mut written, m, Some(&pipe), |c, rs| {
+                                let record = import_audit(&actor, &org, file, lines, rs);
+                                db::audit::append(c, &[record]).map(|_| ())
+                            })?;
+                        records += numbers.len();
+                        done.push((numbers, results));
+                        if holds_up || records >= TX_RECORDS {
+                            break;
+                        }
+                        next = batches.recv().ok();
+                    }
+                    Ok(())
                 });
-                pipe.finished(group);
-                let results = results.inspect_err(|_| written = before)?;
-                let fed = results.iter().filter(|r| r.is_ok()).count() as u64;
-                upkeep.written(&mut conn, fed)?;
-                for (n, r) in numbers.iter().zip(results) {
+                pipe.finished(last_group);
+                results.inspect_err(|_| written = before)?;
+                let fed = done
+                    .iter()
+                    .flat_map(|(_, rs)| rs)
+                    .filter(|r| r.is_ok())
+                    .count();
+                upkeep.written(&mut conn, fed as u64)?;
+                for (n, r) in done.iter().flat_map(|(ns, rs)| ns.iter().zip(rs)) {
                     match r {
                         Ok(r) => {
                             ok += 1;
@@ -811,6 +821,33 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
         );
     }
     Ok(())
+}
+
+/// The audit record of one batch of a bulk load (`lines`: its first and last line).
+fn import_audit(
+    actor: &Actor,
+    org: &crate::orgs::Organization,
+    file: &std::path::Path,
+    (first_line, last_line): (usize, usize),
+    rs: &[Result<crate::mpi::FeedResult>],
+) -> crate::audit::AuditRecord {
+    let fed: Vec<&crate::mpi::FeedResult> = rs.iter().filter_map(|r| r.as_ref().ok()).collect();
+    crate::audit::AuditRecord::new(actor, "admin", crate::audit::Action::Create, "patient-feed")
+        .entity(format!("Organization/{}", org.id))
+        .query(format!(
+            "import {} lines {first_line}-{last_line}",
+            file.display()
+        ))
+        .outcome(
+            crate::audit::Outcome::Success,
+            format!(
+                "bulk import: {} record(s) fed ({} linked), {} refused; source records {}",
+                fed.len(),
+                fed.iter().filter(|r| r.outcome == "linked").count(),
+                rs.len() - fed.len(),
+                source_span(&fed)
+            ),
+        )
 }
 
 /// `src-A..src-B` for the audit trail of a bulk load.

@@ -250,11 +250,19 @@ pub struct Matched {
     /// Each new record's result carries its row as written (`FeedResult::stored`): the HTTP
     /// feed answers with it instead of reading it back.
     rows: bool,
+    /// The matcher waits for this group to be written (`Matcher::needs_flush`).
+    holds_up: bool,
 }
 
 impl Matched {
     pub fn group(&self) -> u64 {
         self.group
+    }
+
+    /// Whether the matcher waits for this group to be written before it matches the next
+    /// (its online records change what the next must see): its writer must commit it then.
+    pub fn holds_up_next(&self) -> bool {
+        self.holds_up
     }
 
     /// Asks for each new record's row in its result (`FeedResult::stored`).
@@ -434,6 +442,7 @@ impl Matcher {
             newest_record,
             data_version,
             rows: false,
+            holds_up: pipelined && wait,
         }
     }
 
@@ -465,6 +474,7 @@ impl Matcher {
             newest_record: 0,
             data_version: None,
             rows: false,
+            holds_up: true,
         }
     }
 
