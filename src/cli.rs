@@ -751,8 +751,8 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             let mut lines = reader.lines().enumerate().peekable();
             let mut not_json = 0u64;
             while lines.peek().is_some() {
-                // Each batch is one transaction; a line that is not a Patient is reported and
-                // skipped.
+                // Each batch is matched together (and is written in one transaction, with
+                // the batches around it); a line that is not a Patient is reported and skipped.
                 let mut numbers = Vec::new();
                 let mut patients = Vec::new();
                 for (n, line) in lines.by_ref().take(batch) {

@@ -5,7 +5,7 @@
 //! weights, thresholds and hazard rules (`evaluate`). What changes is the work around them:
 //! candidates of the whole batch are looked up with a few set-at-a-time queries instead of two
 //! per record, the rows are written with multi-row inserts (index entries sorted), and the
-//! batch is one transaction.
+//! batch is written in one transaction (`hie import` puts several batches in one).
 //!
 //! Records the batch path does not decide alone take the online path, one by one, after the
 //! batch's new records and in the same transaction: updates of stored records, a second record
