@@ -676,6 +676,7 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             let mut written = Written::default();
             let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
             let mut upkeep = db::mpi::LoadUpkeep::new(&mut conn)?;
+            // Moved in (a `recv` only borrows it): the closure owns the channel's end.
             let batches = batches;
             // A transaction takes the next batches as they come, up to `TX_RECORDS`: each
             // commit copies every index page the batch dirtied into the write-ahead log —

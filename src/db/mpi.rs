@@ -1095,15 +1095,15 @@ pub fn matchable(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<CandidateRow>> {
     Ok(out)
 }
 
-/// Upkeep between a bulk load's batches (`hie import`).
+/// Upkeep between a bulk load's transactions (`hie import`; each holds one or more batches).
 ///
 /// SQLite: once the write-ahead log file has passed `LOAD_WAL_BYTES`, it is checkpointed
-/// and started over after each batch (`RESTART`, waiting for the matcher's read of the next
-/// batch to end). The log only starts over by itself when every frame has been copied and no
-/// reader is in it as the writer begins; a load's writer begins the next batch as soon as it
-/// commits, with the matcher always reading, so the log could grow for the whole load (up to
-/// 2.6 GB for the first 833k records of the 1M benchmark, against a 1.5 GB database): disk an
-/// operator did not expect. Below the bound nothing waits.
+/// and started over after each transaction (`RESTART`, waiting for the matcher's read of
+/// the next batch to end). The log only starts over by itself when every frame has been
+/// copied and no reader is in it as the writer begins; a load's writer begins the next
+/// transaction as soon as it commits, with the matcher always reading, so the log could grow
+/// for the whole load (up to 2.6 GB for the first 833k records of the 1M benchmark, against a
+/// 1.5 GB database): disk an operator did not expect. Below the bound nothing waits.
 ///
 /// PostgreSQL:
 /// - Statistics: a load into empty tables leaves PostgreSQL planning with the statistics of an
@@ -1111,7 +1111,7 @@ pub fn matchable(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<CandidateRow>> {
 ///   again each time they have doubled since (ANALYZE of 833k records: ~1 s). A load into
 ///   tables already analysed at their size (a second member's) analyses nothing.
 /// - Visibility: the blocking keys written so far are marked visible to every transaction
-///   (`VACUUM` sets their pages' bits in the visibility map) after every batch, so that
+///   (`VACUUM` sets their pages' bits in the visibility map) after every transaction, so that
 ///   looking keys up reads the index alone: otherwise each record found by key also visits
 ///   its table page, and at 1M patients that was two thirds of a batch's key lookups (89 ms
 ///   against 36 ms for 5,000 keys). Only pages not yet marked are read, a batch's few
@@ -1128,7 +1128,7 @@ pub struct LoadUpkeep {
 }
 
 /// The size of its write-ahead log file past which a bulk load on SQLite starts the log over
-/// after every batch (`LoadUpkeep`).
+/// after every transaction (`LoadUpkeep`).
 const LOAD_WAL_BYTES: u64 = 1 << 30;
 
 impl LoadUpkeep {
@@ -1173,7 +1173,7 @@ impl LoadUpkeep {
         })
     }
 
-    /// After a batch of `records` committed.
+    /// After a transaction of `records` committed.
     pub fn written(&mut self, conn: &mut DbConn, records: u64) -> Result<()> {
         let pg = match conn {
             DbConn::Postgresql(pg) => pg,
@@ -1181,9 +1181,9 @@ impl LoadUpkeep {
                 let size = self.wal.as_ref().and_then(|w| std::fs::metadata(w).ok());
                 if size.map_or(0, |m| m.len()) > self.wal_limit {
                     // Busy (a reader held on past the busy timeout) is a row, not an error:
-                    // the log then grows until the next batch's checkpoint.
+                    // the log then grows until the next transaction's checkpoint.
                     if let Err(e) = c.batch_execute("PRAGMA wal_checkpoint(RESTART)") {
-                        tracing::warn!(error = %e, "WAL checkpoint between import batches failed");
+                        tracing::warn!(error = %e, "WAL checkpoint after an import transaction failed");
                     }
                 }
                 return Ok(());
