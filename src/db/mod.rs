@@ -105,9 +105,11 @@ impl ManageConnection for Manager {
                 let mut c = SqliteConnection::establish(&path.to_string_lossy())
                     .map_err(r2d2::Error::ConnectionError)?;
                 // busy_timeout first, so concurrent openers wait instead of failing with "locked".
+                // The map covers the file's first 2 GiB, SQLite's compile-time cap (a 1M-patient
+                // file); reads past it are copied into the page cache (ARCHITECTURE.md).
                 c.batch_execute(&format!(
                     "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
-                     PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 1073741824;",
+                     PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY; PRAGMA mmap_size = 2147418112;",
                     self.busy_timeout_ms
                 ))
                 .map_err(r2d2::Error::QueryError)?;
