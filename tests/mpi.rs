@@ -211,6 +211,11 @@ async fn hospital_record_is_found_across_the_region(backend: Backend) {
     assert_eq!(bundle["total"], 1, "{bundle}");
     let ids = bundle["entry"][0]["resource"]["identifier"].to_string();
     assert!(ids.contains("H-100") && ids.contains("L-7"), "{ids}");
+    // Each record's own MRN is held by its row alone; the SSN (normalised) is filed for both.
+    assert_eq!(
+        filed_identifiers(&r.ex),
+        vec![format!("{SSN}|123456789"), format!("{SSN}|123456789")]
+    );
     let (_, phonetic) = get(
         &r.hospital,
         &r.ex.url("Patient?family:phonetic=jonsen"),
@@ -998,6 +1003,14 @@ async fn batch_bundles_and_bulk_import_feed_the_same_matching(backend: Backend) 
         "{stdout}"
     );
     assert!(same_person(&r, (HOSP, "H-10"), (LAB, "L-1")).await);
+    // Neither path files a record's own identifier apart from its row.
+    assert!(
+        filed_identifiers(&r.ex).is_empty(),
+        "{:?}",
+        filed_identifiers(&r.ex)
+    );
+    let (_, lab_pix) = pix(&r, LAB, "L-1", None).await;
+    assert_eq!(target_values(&lab_pix, HOSP), vec!["H-10"], "{lab_pix}");
 
     // The operator's command line: why a record was linked, and m/u weights fitted by EM.
     let (_, found) = get(
@@ -1030,6 +1043,29 @@ async fn batch_bundles_and_bulk_import_feed_the_same_matching(backend: Backend) 
     assert!(weights.weight("birth_date", "exact") > 0.0, "{estimate}");
 }
 on_both_backends!(batch_bundles_and_bulk_import_feed_the_same_matching);
+
+#[derive(diesel::QueryableByName)]
+struct Filed {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    id: String,
+}
+
+/// The identifiers filed in `source_identifiers`, as `system|value`, sorted.
+fn filed_identifiers(ex: &Exchange) -> Vec<String> {
+    use diesel::{Connection, RunQueryDsl};
+    let sql = "SELECT system || '|' || value AS id FROM source_identifiers ORDER BY 1";
+    let rows: Vec<Filed> = match ex.db_url.strip_prefix("sqlite://") {
+        Some(path) => {
+            let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
+            diesel::sql_query(sql).load(&mut c).expect("identifiers")
+        }
+        None => {
+            let mut c = diesel::PgConnection::establish(&ex.db_url).expect("open postgres");
+            diesel::sql_query(sql).load(&mut c).expect("identifiers")
+        }
+    };
+    rows.into_iter().map(|r| r.id).collect()
+}
 
 #[derive(diesel::QueryableByName)]
 struct StoredRecord {

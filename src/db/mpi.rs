@@ -329,19 +329,30 @@ pub fn replace_identifiers(
     Ok(())
 }
 
+/// Every identifier of the records `source_ids`, by record and system: the one each is stored
+/// under (its row's) and those filed in `source_identifiers`.
 pub fn identifiers_of(conn: &mut DbConn, source_ids: &[i64]) -> Result<Vec<(i64, String, String)>> {
-    Ok(source_identifiers::table
+    let mut out: Vec<(i64, String, String)> = source_identifiers::table
         .filter(source_identifiers::source_id.eq_any(source_ids))
         .select((
             source_identifiers::source_id,
             source_identifiers::system,
             source_identifiers::value,
         ))
-        .order((
-            source_identifiers::source_id.asc(),
-            source_identifiers::system.asc(),
-        ))
-        .load(conn)?)
+        .load(conn)?;
+    out.extend(
+        source_records::table
+            .filter(source_records::id.eq_any(source_ids))
+            .select((
+                source_records::id,
+                source_records::system,
+                source_records::value,
+            ))
+            .load::<(i64, String, String)>(conn)?,
+    );
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// Source records carrying an identifier (any status).

@@ -65,7 +65,8 @@ struct Prepared {
     system: String,
     value: String,
     patient: Value,
-    /// As indexed (shared ids normalised).
+    /// As filed in `source_identifiers` (`indexed_identifiers`: shared ids normalised, the
+    /// record's own identifier left to its row).
     ids: Vec<(String, String)>,
     /// As sent, for the online path.
     raw_ids: Vec<(String, String)>,
@@ -117,7 +118,7 @@ fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Box<P
         keys: demo.key_ids(),
         content: content(&patient, &demo, 0),
         golden: golden(&[&patient]),
-        ids: indexed_identifiers(s, &raw_ids),
+        ids: indexed_identifiers(s, &raw_ids, (&system, &value)),
         raw_ids,
         sketch: Sketch::of(&demo),
         demo,

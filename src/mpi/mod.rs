@@ -555,7 +555,7 @@ fn upsert(
             ));
         }
     }
-    let normalised_ids = indexed_identifiers(s, ids);
+    let normalised_ids = indexed_identifiers(s, ids, (req.system, req.value));
     match existing {
         None => {
             let candidates = store::candidates(conn, &demo.key_ids(), None, s.max_candidates)?;
@@ -750,7 +750,8 @@ fn merge_source(
                 &content(req.patient, &demo, now),
                 now,
             )?;
-            store::replace_identifiers(conn, sid, &indexed_identifiers(s, ids))?;
+            let filed = indexed_identifiers(s, ids, (req.system, req.value));
+            store::replace_identifiers(conn, sid, &filed)?;
             store::get_source(conn, sid)?
                 .ok_or_else(|| Error::internal("source record vanished"))?
         }
@@ -931,8 +932,16 @@ pub fn current_identity(conn: &mut DbConn, mut eid: i64) -> Result<Option<i64>> 
 
 /// Identifiers as they are indexed: values in shared systems (national, insurance ids) in
 /// their normalised form, so that `123-45-6789` and `123456789` find the same person.
-fn indexed_identifiers(s: &MpiSettings, ids: &[(String, String)]) -> Vec<(String, String)> {
+/// The identifiers a record is filed under in `source_identifiers`: all of them (shared ones
+/// normalised, `normalize::identifier_value`) but the one it is stored under, `own`, which its
+/// own row holds (the unique `source_records_identifier`): two index entries fewer a record.
+fn indexed_identifiers(
+    s: &MpiSettings,
+    ids: &[(String, String)],
+    own: (&str, &str),
+) -> Vec<(String, String)> {
     ids.iter()
+        .filter(|(system, value)| (system.as_str(), value.as_str()) != own)
         .map(|(system, value)| {
             let v = if s.shared_systems.iter().any(|x| x == system) {
                 normalize::identifier_value(value).unwrap_or_else(|| value.clone())
