@@ -397,6 +397,50 @@ async fn a_member_writes_only_its_own_identifiers(backend: Backend) {
 }
 on_both_backends!(a_member_writes_only_its_own_identifiers);
 
+async fn an_update_refiles_the_identifiers_it_changes(backend: Backend) {
+    let r = region(&backend);
+    let at = |ssn: &str| {
+        patient(
+            HOSP,
+            "H-20",
+            "Nadia",
+            "Rahman",
+            "1977-07-17",
+            "2 Birch St",
+            "30303",
+            Some(ssn),
+        )
+    };
+    assert_eq!(
+        put(&r.hospital, &r.ex, HOSP, "H-20", &at("111-22-3333"))
+            .await
+            .0,
+        201
+    );
+    assert_eq!(filed_identifiers(&r.ex), vec![format!("{SSN}|111223333")]);
+    // The hospital corrects the SSN: the old one no longer finds her, the new one does.
+    assert_eq!(
+        put(&r.hospital, &r.ex, HOSP, "H-20", &at("111-22-4444"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(filed_identifiers(&r.ex), vec![format!("{SSN}|111224444")]);
+    assert_eq!(pix(&r, SSN, "111223333", None).await.0, 404);
+    let (status, params) = pix(&r, SSN, "111-22-4444", Some(HOSP)).await;
+    assert_eq!(status, 200, "{params}");
+    assert_eq!(target_values(&params, HOSP), vec!["H-20"]);
+    // Unchanged identifiers stay filed as they were.
+    assert_eq!(
+        put(&r.hospital, &r.ex, HOSP, "H-20", &at("111224444"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(filed_identifiers(&r.ex), vec![format!("{SSN}|111224444")]);
+}
+on_both_backends!(an_update_refiles_the_identifiers_it_changes);
+
 async fn pix_follows_ihe_error_semantics(backend: Backend) {
     let r = region(&backend);
     put(
