@@ -511,12 +511,14 @@ pub fn candidates(
     keys: &[KeyId],
     exclude: Option<i64>,
     limit: i64,
+    crowded: usize,
 ) -> Result<Vec<CandidateRow>> {
     let mut buckets = buckets(conn, keys)?;
     for ids in &mut buckets {
         ids.retain(|id| Some(*id) != exclude);
     }
-    let ids = rank_candidates(&buckets, usize::try_from(limit).unwrap_or(usize::MAX));
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let ids = rank_candidates(&buckets, limit, crowded);
     // What matching reads of a candidate, not the whole row (its Patient resource is most of it).
     let mut rows = matchable(conn, &ids)?;
     rows.sort_by_key(|r| ids.iter().position(|id| *id == r.0));
@@ -576,15 +578,25 @@ pub fn filed_under(conn: &mut DbConn, key: KeyId, limit: i64) -> Result<Vec<i64>
         .load(conn)?)
 }
 
-/// Buckets holding more records than this are crowded.
-pub const CROWDED: usize = 32;
+/// When the feed decides (and `hie import`, which decides alike), buckets holding more records
+/// than this are crowded. At a million people a single shared key with a bucket of 9–32 — a
+/// sound-alike surname and birth year, a common given and family name — brought most of the
+/// ~25 candidates a record had, and half of the matcher's CPU; those candidates were other
+/// people (same name, birth dates decades apart), never a link at 1M or on FEBRL, and only
+/// noise in the review queue. Was 32.
+pub const CROWDED: usize = 8;
+
+/// For `$match`, which decides nothing: an ER's partial or mistyped demographics may share a
+/// single common key with the person sought, and a few more candidates to score cost a query
+/// little.
+pub const CROWDED_FOR_SEARCH: usize = 32;
 
 /// Candidates from the buckets of a record's blocking keys (record ids, larger = newer): those
 /// sharing more keys first, then the newest, at most `limit`. A record that shares a single
 /// key with the incoming one, and that key is crowded, is not a candidate: in a region of a
 /// million people "same sounding surname, same birth year" alone is no lead, and scoring every
 /// such record is what made matching slow at scale. Any second shared key makes it one.
-pub fn rank_candidates<B: AsRef<[i64]>>(buckets: &[B], limit: usize) -> Vec<i64> {
+pub fn rank_candidates<B: AsRef<[i64]>>(buckets: &[B], limit: usize, crowded: usize) -> Vec<i64> {
     // FNV rather than SipHash for the ids (the matcher's hottest maps, here and in
     // `bulk::gather`): 3 % of the matcher's CPU in the 1M import. The keys are record ids and
     // blocking-key hashes, written by authenticated members only.
@@ -593,7 +605,7 @@ pub fn rank_candidates<B: AsRef<[i64]>>(buckets: &[B], limit: usize) -> Vec<i64>
         fnv::FnvHashMap::with_capacity_and_hasher(ids, Default::default());
     for bucket in buckets {
         let bucket = bucket.as_ref();
-        let crowded = bucket.len() > CROWDED;
+        let crowded = bucket.len() > crowded;
         for id in bucket {
             let e = found.entry(*id).or_insert((0, true));
             e.0 += 1;
@@ -1608,13 +1620,17 @@ mod tests {
     fn candidates_sharing_more_keys_rank_first_and_crowded_keys_alone_find_nobody() {
         let crowded: Vec<i64> = (100..140).collect();
         let buckets = vec![crowded.clone(), vec![7, 120], vec![7, 9]];
-        let ranked = rank_candidates(&buckets, 10);
+        let ranked = rank_candidates(&buckets, 10, CROWDED_FOR_SEARCH);
         // 7 shares two keys, 120 shares the crowded key and another, 9 one uncrowded key;
         // the rest of the crowded bucket is no lead.
         assert_eq!(ranked, vec![120, 7, 9]);
-        assert_eq!(rank_candidates(&buckets, 1), vec![120]);
+        assert_eq!(rank_candidates(&buckets, 1, CROWDED_FOR_SEARCH), vec![120]);
         let small = vec![vec![1, 2, 3]];
-        assert_eq!(rank_candidates(&small, 10), vec![3, 2, 1]);
+        assert_eq!(rank_candidates(&small, 10, CROWDED), vec![3, 2, 1]);
+        // A bucket of ten (a common name): crowded when the feed decides, not for `$match`.
+        let common = vec![(200..210).collect::<Vec<i64>>(), vec![7]];
+        assert_eq!(rank_candidates(&common, 20, CROWDED), vec![7]);
+        assert_eq!(rank_candidates(&common, 20, CROWDED_FOR_SEARCH).len(), 11);
     }
 
     #[test]

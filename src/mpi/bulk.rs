@@ -939,7 +939,8 @@ where
         let before = match touched.as_mut() {
             Some(t) => {
                 t.records.insert(unseen_first + k as i64);
-                let candidates = store::candidates(conn, &p.keys, None, s.max_candidates)?;
+                let candidates =
+                    store::candidates(conn, &p.keys, None, s.max_candidates, store::CROWDED)?;
                 candidates.into_iter().map(|c| (c.0, c.2)).collect()
             }
             None => Vec::new(),
@@ -1185,7 +1186,7 @@ fn gather(
         .iter()
         .map(|ks| {
             let buckets: Vec<&[i64]> = ks.iter().map(|&k| stored_by_key[k].as_slice()).collect();
-            store::rank_candidates(&buckets, limit)
+            store::rank_candidates(&buckets, limit, store::CROWDED)
         })
         .collect();
     // The stored records any of them may be matched with: adding the batch's own records to
@@ -1322,7 +1323,7 @@ fn decide(
                     b
                 })
                 .collect();
-            reranked = store::rank_candidates(&buckets, limit);
+            reranked = store::rank_candidates(&buckets, limit, store::CROWDED);
             &reranked
         };
         let cands: Vec<&Candidate> = ranked

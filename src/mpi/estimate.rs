@@ -26,7 +26,13 @@ fn pairs(conn: &mut DbConn, w: &Weights, sample: i64) -> Result<Vec<Vector>> {
         let Ok(a) = serde_json::from_str::<Demographics>(&r.demographics) else {
             continue;
         };
-        for c in Candidate::of_rows(store::candidates(conn, &a.key_ids(), Some(r.id), 50)?) {
+        for c in Candidate::of_rows(store::candidates(
+            conn,
+            &a.key_ids(),
+            Some(r.id),
+            50,
+            store::CROWDED,
+        )?) {
             if c.id < r.id {
                 continue;
             }

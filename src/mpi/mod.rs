@@ -558,7 +558,13 @@ fn upsert(
     let normalised_ids = indexed_identifiers(s, ids, (req.system, req.value));
     match existing {
         None => {
-            let candidates = store::candidates(conn, &demo.key_ids(), None, s.max_candidates)?;
+            let candidates = store::candidates(
+                conn,
+                &demo.key_ids(),
+                None,
+                s.max_candidates,
+                store::CROWDED,
+            )?;
             let candidates = Candidate::of_rows(candidates);
             let eval = evaluate(s, org.id.as_str(), &demo, &candidates, &HashSet::new());
             let (eid, kind) = match &eval.link {
@@ -628,7 +634,13 @@ fn rematch(
     }
     let old_eid = e.enterprise_id;
     let non_matches = store::non_matches_of(conn, e.id)?;
-    let candidates = store::candidates(conn, &demo.key_ids(), Some(e.id), s.max_candidates)?;
+    let candidates = store::candidates(
+        conn,
+        &demo.key_ids(),
+        Some(e.id),
+        s.max_candidates,
+        store::CROWDED,
+    )?;
     let candidates: Vec<Candidate> = Candidate::of_rows(candidates)
         .into_iter()
         .filter(|c| c.enterprise_id != old_eid)
@@ -1100,7 +1112,13 @@ pub fn match_patient(
             .at("Parameters.parameter.resource"));
     }
     let demo = Demographics::from_patient(patient, &s.shared_systems);
-    let candidates = store::candidates(conn, &demo.key_ids(), None, s.max_candidates)?;
+    let candidates = store::candidates(
+        conn,
+        &demo.key_ids(),
+        None,
+        s.max_candidates,
+        store::CROWDED_FOR_SEARCH,
+    )?;
     let mut best: BTreeMap<i64, Score> = BTreeMap::new();
     for c in Candidate::of_rows(candidates) {
         let Some(sc) = score::score_at_least(&demo, &c.demo, &s.weights, s.possible) else {
