@@ -581,9 +581,10 @@ pub fn filed_under(conn: &mut DbConn, key: KeyId, limit: i64) -> Result<Vec<i64>
 /// When the feed decides (and `hie import`, which decides alike), buckets holding more records
 /// than this are crowded. At a million people a single shared key with a bucket of 9–32 — a
 /// sound-alike surname and birth year, a common given and family name — brought most of the
-/// ~25 candidates a record had, and half of the matcher's CPU; those candidates were other
-/// people (same name, birth dates decades apart), never a link at 1M or on FEBRL, and only
-/// noise in the review queue. Was 32.
+/// ~25 candidates a record had, and half of the matcher's CPU; they made no link at 1M or on
+/// FEBRL (the same links without them), and the review items they made were, in a sample,
+/// same-name people born years apart. Was 32. `hie mpi estimate` samples pairs the same way,
+/// so the weights are fitted on the pairs the feed scores.
 pub const CROWDED: usize = 8;
 
 /// For `$match`, which decides nothing: an ER's partial or mistyped demographics may share a
