@@ -329,11 +329,15 @@ pub fn replace_identifiers(
     Ok(())
 }
 
-/// Every identifier of the records `source_ids`, by record and system: the one each is stored
-/// under (its row's) and those filed in `source_identifiers`.
-pub fn identifiers_of(conn: &mut DbConn, source_ids: &[i64]) -> Result<Vec<(i64, String, String)>> {
+/// Every identifier of `records` — (id, system, value) of each, as its row holds it — by
+/// record and system: the one each is stored under and those filed in `source_identifiers`.
+pub fn identifiers_of(
+    conn: &mut DbConn,
+    records: &[(i64, &str, &str)],
+) -> Result<Vec<(i64, String, String)>> {
+    let ids: Vec<i64> = records.iter().map(|r| r.0).collect();
     let mut out: Vec<(i64, String, String)> = source_identifiers::table
-        .filter(source_identifiers::source_id.eq_any(source_ids))
+        .filter(source_identifiers::source_id.eq_any(&ids))
         .select((
             source_identifiers::source_id,
             source_identifiers::system,
@@ -341,14 +345,9 @@ pub fn identifiers_of(conn: &mut DbConn, source_ids: &[i64]) -> Result<Vec<(i64,
         ))
         .load(conn)?;
     out.extend(
-        source_records::table
-            .filter(source_records::id.eq_any(source_ids))
-            .select((
-                source_records::id,
-                source_records::system,
-                source_records::value,
-            ))
-            .load::<(i64, String, String)>(conn)?,
+        records
+            .iter()
+            .map(|(id, system, value)| (*id, system.to_string(), value.to_string())),
     );
     out.sort_unstable();
     out.dedup();

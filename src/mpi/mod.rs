@@ -895,8 +895,11 @@ pub struct Person {
 pub fn people(conn: &mut DbConn, eids: &[i64]) -> Result<Vec<Person>> {
     let idents = store::get_identities(conn, eids)?;
     let members = store::members_of(conn, eids)?;
-    let member_ids: Vec<i64> = members.iter().map(|m| m.id).collect();
-    let identifiers = store::identifiers_of(conn, &member_ids)?;
+    let own: Vec<(i64, &str, &str)> = members
+        .iter()
+        .map(|m| (m.id, m.system.as_str(), m.value.as_str()))
+        .collect();
+    let identifiers = store::identifiers_of(conn, &own)?;
     let mut out = Vec::new();
     for eid in eids {
         let Some(row) = idents.iter().find(|i| i.id == *eid) else {
@@ -1051,13 +1054,17 @@ pub fn cross_reference(
     let person = people(conn, &[eid])?
         .pop()
         .ok_or_else(|| Error::not_found("sourceIdentifier Patient Identifier not found"))?;
-    let member_ids: Vec<i64> = person.records.iter().map(|r| r.0).collect();
+    let own: Vec<(i64, &str, &str)> = person
+        .records
+        .iter()
+        .map(|r| (r.0, r.2.as_str(), r.3.as_str()))
+        .collect();
     let mut out = vec![CrossReference {
         system: s.enterprise_system.clone(),
         value: eid.to_string(),
         target_id: person_ref(eid),
     }];
-    for (sid, sys, val) in store::identifiers_of(conn, &member_ids)? {
+    for (sid, sys, val) in store::identifiers_of(conn, &own)? {
         out.push(CrossReference {
             system: sys,
             value: val,
