@@ -1618,6 +1618,27 @@ fn write_decided(
     Ok(())
 }
 
+/// How much less CPU than the writer the threads around it get where they share a core
+/// (`behind_the_writer`): a nice value, relative to the process's.
+const BEHIND_THE_WRITER: i32 = 5;
+
+/// Lowers the calling thread's CPU priority, and so that of the threads it starts from now
+/// on (Linux gives each thread its own nice value, inherited at its start), below the writer
+/// of a bulk load: the threads that read, prepare and match its batches yield the writer the
+/// core they share with it. The writer is the load's busiest thread and the others wait on
+/// it; on two cores it had waited 6–7 s of a 1M load's first member for a core held by them
+/// (BENCHMARKS.md, session 28). Raising one's own nice value needs no privilege; where it
+/// fails, nothing changes.
+pub fn behind_the_writer() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain system calls about the calling thread, no memory passed.
+    unsafe {
+        let me = libc::gettid() as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, me);
+        libc::setpriority(libc::PRIO_PROCESS, me, now + BEHIND_THE_WRITER);
+    }
+}
+
 /// The golden records of stored people that records joined (`new`: each person's new member
 /// resources, newest first). Survivorship takes each field from the newest record that has
 /// it, and the new records are the newest, so a person's golden record is theirs over the one
@@ -1636,4 +1657,32 @@ fn joined_goldens(conn: &mut DbConn, new: HashMap<i64, Vec<&Value>>) -> Result<V
         }
     }
     Ok(goldens)
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn behind_the_writer_lowers_this_thread_and_those_it_starts_not_the_others() {
+        fn nice() -> i32 {
+            // SAFETY: a plain system call about the calling thread.
+            unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+        }
+        let before = nice();
+        let (own, started) = std::thread::spawn(|| {
+            let before = nice();
+            super::behind_the_writer();
+            let started = std::thread::spawn(nice).join().expect("thread");
+            (nice() - before, started - before)
+        })
+        .join()
+        .expect("thread");
+        let expected = super::BEHIND_THE_WRITER.min(19 - before);
+        assert_eq!((own, started), (expected, expected));
+        assert_eq!(
+            nice(),
+            before,
+            "the thread that did not ask keeps its priority"
+        );
+    }
 }
