@@ -1626,7 +1626,7 @@ const BEHIND_THE_WRITER: i32 = 5;
 /// on (Linux gives each thread its own nice value, inherited at its start), below the writer
 /// of a bulk load: the threads that read, prepare and match its batches yield the writer the
 /// core they share with it. The writer is the load's busiest thread and the others wait on
-/// it; on two cores it had waited 6–7 s of a 1M load's first member for a core held by them
+/// it; on two cores it had waited 6–8 s of a 1M load's first member for a core held by them
 /// (BENCHMARKS.md, session 28). Raising one's own nice value needs no privilege; where it
 /// fails, nothing changes.
 pub fn behind_the_writer() {
