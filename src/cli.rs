@@ -742,8 +742,9 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             }
             r
         });
-        // The writer is the load's busiest thread and every other waits on it: the threads
-        // started from here on (reading, preparing, scoring) yield it the core it shares.
+        // The writer is the load's busiest thread and every other waits on it: this thread
+        // and those it starts from here on (reading, preparing, scoring) yield it the core
+        // they share. For a command that exits when it is done: the priority is not restored.
         crate::mpi::bulk::behind_the_writer();
         let mut matcher = Matcher::default();
         // The writer stopped: its error is the one reported.
