@@ -945,11 +945,11 @@ pub fn current_identity(conn: &mut DbConn, mut eid: i64) -> Result<Option<i64>> 
     Ok(None)
 }
 
-/// Identifiers as they are indexed: values in shared systems (national, insurance ids) in
-/// their normalised form, so that `123-45-6789` and `123456789` find the same person.
-/// The identifiers a record is filed under in `source_identifiers`: all of them (shared ones
-/// normalised, `normalize::identifier_value`) but the one it is stored under, `own`, which its
-/// own row holds (the unique `source_records_identifier`): two index entries fewer a record.
+/// The identifiers a record is filed under in `source_identifiers`: all of them but the one
+/// it is stored under, `own`, which its row holds (the unique `source_records_identifier`: two
+/// index entries fewer a record). Values in shared systems (national, insurance ids) are
+/// normalised (`normalize::identifier_value`), so that `123-45-6789` and `123456789` find the
+/// same person.
 fn indexed_identifiers(
     s: &MpiSettings,
     ids: &[(String, String)],
@@ -1051,13 +1051,12 @@ pub fn cross_reference(
     let eid = resolve_identifier(conn, s, system, value)?.ok_or_else(|| {
         Error::not_found("sourceIdentifier Patient Identifier not found").at("sourceIdentifier")
     })?;
-    let person = people(conn, &[eid])?
-        .pop()
-        .ok_or_else(|| Error::not_found("sourceIdentifier Patient Identifier not found"))?;
-    let own: Vec<(i64, &str, &str)> = person
-        .records
+    // The person's active records and their identifiers: `people` would read these too, with
+    // its identity row and golden record, which a cross-reference does not use.
+    let members = store::members(conn, eid)?;
+    let own: Vec<(i64, &str, &str)> = members
         .iter()
-        .map(|r| (r.0, r.2.as_str(), r.3.as_str()))
+        .map(|m| (m.id, m.system.as_str(), m.value.as_str()))
         .collect();
     let mut out = vec![CrossReference {
         system: s.enterprise_system.clone(),
