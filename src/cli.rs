@@ -732,6 +732,7 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
                     }
                 }
             }
+            upkeep.finish(&mut conn);
             Ok((ok, failed, linked, written.matched_again()))
         };
         let writer = scope.spawn(|| -> Result<(u64, u64, u64, u64)> {
