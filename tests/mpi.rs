@@ -1739,8 +1739,21 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
     assert_eq!(a.enterprise_id, b.enterprise_id);
     assert_eq!(written.matched_again(), 0, "both were written as decided");
 
-    // Another process adds the same person between matching and writing: matched again.
-    let stale = match_one(one("P-3", "Tobias", "Lindqvist", "1971-11-02"));
+    // Another process adds the same person between matching and writing: matched again. P-3
+    // was matched as a person alone, so its parsed Patient was let go before the write; its
+    // phone reaches the person's golden record all the same.
+    let mut p3 = patient(
+        "urn:hospital-a",
+        "P-3",
+        "Tobias",
+        "Lindqvist",
+        "1971-11-02",
+        "4 Main St",
+        "12345",
+        None,
+    );
+    p3["telecom"] = json!([{ "system": "phone", "value": "555-010-3377" }]);
+    let stale = match_one(vec![Submission::from(p3)]);
     let req_patient = patient(
         "urn:hospital-a",
         "P-4",
@@ -1767,6 +1780,13 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
     assert_eq!(written.matched_again(), 1);
     assert_eq!(c.outcome, "linked");
     assert_eq!(c.enterprise_id, other.enterprise_id);
+    let person =
+        hie_broker::db::mpi::get_identities(&mut l.conn, &[c.enterprise_id]).expect("person");
+    assert!(
+        person[0].golden.contains("555-010-3377"),
+        "{}",
+        person[0].golden
+    );
 
     // Any other write of this process meanwhile (an operator's link change, say): matched again.
     let quiet = match_one(one("P-5", "Oksana", "Brandt", "1990-07-21"));

@@ -129,6 +129,35 @@ fn prepare(s: &MpiSettings, org: &Organization, sub: Submission) -> Result<Box<P
     }))
 }
 
+/// Frees, here on the matcher's thread, the parsed Patient of each decided record that starts
+/// a person alone: the writer needs a record's Patient only to build the golden record of a
+/// person it joins or shares with the group's other new records, and a lone record's golden
+/// record is built already (`Prepared::golden`). Freed by the writer, the first member's
+/// Patients were 7 % of its time in a 1M load (BENCHMARKS.md, session 29), where the writer is
+/// the thread every other waits on. A group matched again when written gets them back from
+/// the rows' text (`restore_patient`).
+fn let_go_of_lone_patients(decided: &mut [Decided], first_identity: i64) {
+    let mut people: fnv::FnvHashMap<i64, u32> = fnv::FnvHashMap::default();
+    for d in decided.iter() {
+        *people.entry(d.eid).or_default() += 1;
+    }
+    for d in decided.iter_mut() {
+        if d.eid >= first_identity && d.eid != UNDECIDED && people.get(&d.eid) == Some(&1) {
+            drop(std::mem::take(&mut d.prepared.patient));
+        }
+    }
+}
+
+/// The Patient `let_go_of_lone_patients` freed, parsed again from the row's resource text
+/// (`content`: the Patient as serialised).
+fn restore_patient(p: &mut Prepared) -> Result<()> {
+    if p.patient.is_null() {
+        p.patient = serde_json::from_str(&p.content.resource)
+            .map_err(|e| Error::internal(format!("a record's own resource text: {e}")))?;
+    }
+    Ok(())
+}
+
 /// An accepted record with its position in the group.
 type Accepted = (usize, Box<Prepared>);
 
@@ -394,6 +423,8 @@ impl Matcher {
             .iter()
             .filter(|d| d.eid >= first_identity && d.eid != UNDECIDED)
             .count();
+        let mut decided = decided;
+        let_go_of_lone_patients(&mut decided, first_identity);
         self.next_record += mine.len() as i64;
         self.next_identity += new_identities as i64;
         let depends_on = self.pending.iter().map(|g| g.group).collect();
@@ -1025,7 +1056,8 @@ where
         .into_iter()
         .map(|d| (d.pos, d.prepared))
         .chain(m.online);
-    for (pos, p) in records {
+    for (pos, mut p) in records {
+        restore_patient(&mut p)?;
         if let Some(slot) = prepared.get_mut(pos) {
             *slot = Ok(p);
         }
