@@ -1200,12 +1200,12 @@ impl LoadUpkeep {
     /// After the load's last transaction, SQLite: the write-ahead log is checkpointed and
     /// truncated to nothing (`TRUNCATE`). The last commit's own checkpoint has usually copied
     /// every frame already, so this is mostly the truncation (0.1–0.2 s at 1M). Left as it
-    /// was, the log outlived the command at full size, and the next process to
-    /// open the database read all of it back before its first query (~1 s for the 780 MB of
-    /// the 1M benchmark's first member: the linking member's start) and then copy every frame
-    /// into the file again, the log's index having been rebuilt without the record of what
-    /// was copied. Busy (a server's reader past the busy timeout) is a warning, not a failure:
-    /// the load is committed and the log is emptied later.
+    /// was, the log outlived the command at full size: the next process to open the database
+    /// read all of it back before its first query (~1 s for the 780 MB of the 1M benchmark's
+    /// first member: the linking member's start) and then copied every frame into the file
+    /// again, the log's index having been rebuilt without the record of what was copied. Busy
+    /// (a server's reader past the busy timeout) is a warning, not a failure: the load is
+    /// committed and the log is emptied later.
     pub fn finish(&mut self, conn: &mut DbConn) {
         if let DbConn::Sqlite(c) = conn {
             if let Err(e) = c.batch_execute("PRAGMA wal_checkpoint(TRUNCATE)") {

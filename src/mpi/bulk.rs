@@ -148,8 +148,8 @@ fn let_go_of_lone_patients(decided: &mut [Decided], first_identity: i64) {
     }
 }
 
-/// The Patient `let_go_of_lone_patients` freed, parsed again from the row's resource text
-/// (`content`: the Patient as serialised).
+/// The Patient `let_go_of_lone_patients` freed (a fed Patient is never null: a freed one is),
+/// parsed again from the row's resource text (`content`: the Patient as serialised).
 fn restore_patient(p: &mut Prepared) -> Result<()> {
     if p.patient.is_null() {
         p.patient = serde_json::from_str(&p.content.resource)
@@ -394,7 +394,7 @@ impl Matcher {
         self.next_group += 1;
         let first_record = self.next_record;
         let first_identity = self.next_identity;
-        let (decided, deferred, mut mine) = decide(
+        let (mut decided, deferred, mut mine) = decide(
             s,
             org,
             gathered,
@@ -423,7 +423,6 @@ impl Matcher {
             .iter()
             .filter(|d| d.eid >= first_identity && d.eid != UNDECIDED)
             .count();
-        let mut decided = decided;
         let_go_of_lone_patients(&mut decided, first_identity);
         self.next_record += mine.len() as i64;
         self.next_identity += new_identities as i64;
