@@ -1700,8 +1700,8 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
     let pipe = Pipeline::new(l.db.writes());
     let mut matcher = Matcher::default();
     let mut written = Written::default();
-    let one = |mrn: &str, given: &str, family: &str, dob: &str| {
-        vec![Submission::from(patient(
+    let person = |mrn: &str, given: &str, family: &str, dob: &str| {
+        patient(
             "urn:hospital-a",
             mrn,
             given,
@@ -1710,7 +1710,10 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
             "4 Main St",
             "12345",
             None,
-        ))]
+        )
+    };
+    let one = |mrn: &str, given: &str, family: &str, dob: &str| {
+        vec![Submission::from(person(mrn, given, family, dob))]
     };
     let write = |conn: &mut hie_broker::db::PooledConn,
                  written: &mut Written,
@@ -1742,28 +1745,10 @@ async fn pipelined_matching_sees_unwritten_batches_and_notices_stale_ones(backen
     // Another process adds the same person between matching and writing: matched again. P-3
     // was matched as a person alone, so its parsed Patient was let go before the write; its
     // phone reaches the person's golden record all the same.
-    let mut p3 = patient(
-        "urn:hospital-a",
-        "P-3",
-        "Tobias",
-        "Lindqvist",
-        "1971-11-02",
-        "4 Main St",
-        "12345",
-        None,
-    );
+    let mut p3 = person("P-3", "Tobias", "Lindqvist", "1971-11-02");
     p3["telecom"] = json!([{ "system": "phone", "value": "555-010-3377" }]);
     let stale = match_one(vec![Submission::from(p3)]);
-    let req_patient = patient(
-        "urn:hospital-a",
-        "P-4",
-        "Tobias",
-        "Lindqvist",
-        "1971-11-02",
-        "4 Main St",
-        "12345",
-        None,
-    );
+    let req_patient = person("P-4", "Tobias", "Lindqvist", "1971-11-02");
     let other = hie_broker::mpi::feed(
         &mut l.conn,
         &l.settings,
