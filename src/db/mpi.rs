@@ -12,7 +12,7 @@ use super::schema::{
 use super::{prepared, DbConn};
 use crate::error::Result;
 use crate::mpi::normalize::{key_id, KeyId};
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{BigInt, Double, Nullable, Text};
 
 #[derive(Debug, Clone, Queryable, QueryableByName)]
 #[diesel(table_name = source_records)]
@@ -1503,16 +1503,6 @@ pub struct BulkRows {
     pub history: Vec<NewHistory>,
 }
 
-/// Inserts rows one at a time through a statement kept prepared (SQLite: there is no round
-/// trip to save, and diesel parses a multi-row INSERT anew for every number of rows).
-macro_rules! row_by_row {
-    ($conn:expr, $table:expr, $values:expr) => {
-        for v in $values {
-            diesel::insert_into($table).values(v).execute($conn)?;
-        }
-    };
-}
-
 pub fn insert_bulk(conn: &mut DbConn, mut rows: BulkRows) -> Result<()> {
     rows.identifiers.sort_unstable();
     rows.identifiers.dedup();
@@ -1522,25 +1512,100 @@ pub fn insert_bulk(conn: &mut DbConn, mut rows: BulkRows) -> Result<()> {
         DbConn::Postgresql(pg) => return insert_bulk_pg(pg, &rows),
         DbConn::Sqlite(c) => c,
     };
-    row_by_row!(c, identities::table, &rows.identities);
-    row_by_row!(c, source_records::table, &rows.sources);
-    let identifiers = rows.identifiers.iter().map(|(s, v, id)| {
-        (
-            source_identifiers::system.eq(s),
-            source_identifiers::value.eq(v),
-            source_identifiers::source_id.eq(*id),
-        )
-    });
-    row_by_row!(c, source_identifiers::table, identifiers);
-    let keys = rows
-        .keys
-        .iter()
-        .map(|(k, id)| (blocking_keys::key.eq(k), blocking_keys::source_id.eq(*id)));
-    row_by_row!(c, blocking_keys::table, keys);
-    row_by_row!(c, match_decisions::table, &rows.decisions);
-    row_by_row!(c, match_reviews::table, &rows.reviews);
-    row_by_row!(c, identity_history::table, &rows.history);
+    prepared::insert_rows(c, &rows.identities)?;
+    prepared::insert_rows(c, &rows.sources)?;
+    prepared::insert_rows(c, &rows.identifiers)?;
+    prepared::insert_rows(c, &rows.keys)?;
+    prepared::insert_rows(c, &rows.decisions)?;
+    prepared::insert_rows(c, &rows.reviews)?;
+    prepared::insert_rows(c, &rows.history)?;
     Ok(())
+}
+
+/// Pushes a row's binds, of the given SQL types, separated by `, ` (`prepared::Row`).
+macro_rules! push_binds {
+    ($out:expr; $first_ty:ty: $first:expr $(, $ty:ty: $value:expr)* $(,)?) => {{
+        $out.push_bind_param::<$first_ty, _>($first)?;
+        $(
+            $out.push_sql(", ");
+            $out.push_bind_param::<$ty, _>($value)?;
+        )*
+        Ok(())
+    }};
+}
+
+type SqliteAst<'a, 'b> = diesel::query_builder::AstPass<'a, 'b, diesel::sqlite::Sqlite>;
+
+impl prepared::Row for NewIdentity {
+    const INSERT: &'static str =
+        "INSERT INTO identities (id, status, merged_into, golden, created_at, updated_at) VALUES ";
+    fn binds<'b>(&'b self, out: &mut SqliteAst<'_, 'b>) -> QueryResult<()> {
+        push_binds!(out; BigInt: &self.id, Text: &self.status, Nullable<BigInt>: &self.merged_into,
+            Text: &self.golden, BigInt: &self.created_at, BigInt: &self.updated_at)
+    }
+}
+
+impl prepared::Row for NewSource {
+    const INSERT: &'static str = "INSERT INTO source_records (id, org_id, system, value, \
+        enterprise_id, status, link_kind, version, resource, family, given, family_phonetic, \
+        given_phonetic, birth_date, gender, postcode, phone, demographics, created_at, \
+        updated_at) VALUES ";
+    fn binds<'b>(&'b self, out: &mut SqliteAst<'_, 'b>) -> QueryResult<()> {
+        push_binds!(out; BigInt: &self.id, Text: &self.org_id, Text: &self.system,
+            Text: &self.value, BigInt: &self.enterprise_id, Text: &self.status,
+            Text: &self.link_kind, BigInt: &self.version, Text: &self.resource,
+            Nullable<Text>: &self.family, Nullable<Text>: &self.given,
+            Nullable<Text>: &self.family_phonetic, Nullable<Text>: &self.given_phonetic,
+            Nullable<Text>: &self.birth_date, Nullable<Text>: &self.gender,
+            Nullable<Text>: &self.postcode, Nullable<Text>: &self.phone,
+            Text: &self.demographics, BigInt: &self.created_at, BigInt: &self.updated_at)
+    }
+}
+
+/// A source identifier: system, value, source record.
+impl prepared::Row for (String, String, i64) {
+    const INSERT: &'static str =
+        "INSERT INTO source_identifiers (system, value, source_id) VALUES ";
+    fn binds<'b>(&'b self, out: &mut SqliteAst<'_, 'b>) -> QueryResult<()> {
+        push_binds!(out; Text: &self.0, Text: &self.1, BigInt: &self.2)
+    }
+}
+
+/// A blocking key: key id, source record.
+impl prepared::Row for (KeyId, i64) {
+    const INSERT: &'static str = "INSERT INTO blocking_keys (key, source_id) VALUES ";
+    fn binds<'b>(&'b self, out: &mut SqliteAst<'_, 'b>) -> QueryResult<()> {
+        push_binds!(out; BigInt: &self.0, BigInt: &self.1)
+    }
+}
+
+impl prepared::Row for NewDecision {
+    const INSERT: &'static str = "INSERT INTO match_decisions (source_id, candidate_id, outcome, \
+        score, breakdown, created_at) VALUES ";
+    fn binds<'b>(&'b self, out: &mut SqliteAst<'_, 'b>) -> QueryResult<()> {
+        push_binds!(out; BigInt: &self.source_id, Nullable<BigInt>: &self.candidate_id,
+            Text: &self.outcome, Nullable<Double>: &self.score, Text: &self.breakdown,
+            BigInt: &self.created_at)
+    }
+}
+
+impl prepared::Row for NewReview {
+    const INSERT: &'static str = "INSERT INTO match_reviews (source_a, source_b, kind, score, \
+        breakdown, status, created_at) VALUES ";
+    fn binds<'b>(&'b self, out: &mut SqliteAst<'_, 'b>) -> QueryResult<()> {
+        push_binds!(out; BigInt: &self.source_a, BigInt: &self.source_b, Text: &self.kind,
+            Double: &self.score, Text: &self.breakdown, Text: &self.status,
+            BigInt: &self.created_at)
+    }
+}
+
+impl prepared::Row for NewHistory {
+    const INSERT: &'static str = "INSERT INTO identity_history (enterprise_id, action, detail, \
+        actor, created_at) VALUES ";
+    fn binds<'b>(&'b self, out: &mut SqliteAst<'_, 'b>) -> QueryResult<()> {
+        push_binds!(out; BigInt: &self.enterprise_id, Text: &self.action, Text: &self.detail,
+            Nullable<Text>: &self.actor, BigInt: &self.created_at)
+    }
 }
 
 /// PostgreSQL: the rows of every table in one statement, one round trip: an `INSERT … SELECT
