@@ -1716,6 +1716,138 @@ mod tests {
         assert_eq!(rank_candidates(&common, 20, CROWDED_FOR_SEARCH).len(), 11);
     }
 
+    /// The bulk rows' `INSERT` texts (`prepared::Row`) name their columns in the order their
+    /// binds are pushed: every field, each a value no other field has, reads back in place.
+    #[test]
+    fn bulk_rows_on_sqlite_read_back_field_for_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = crate::db::Db::open(&crate::config::DatabaseConfig {
+            url: format!("sqlite://{}", dir.path().join("hie.db").display()),
+            pool_size: 1,
+            connect_timeout_ms: 5_000,
+            busy_timeout_ms: 5_000,
+        })
+        .expect("open");
+        let mut conn = db.get().expect("connection");
+        conn.batch_execute(
+            "INSERT INTO organizations (id, name, org_type, status, created_at, updated_at) \
+             VALUES ('org-a', 'Org A', 'hospital', 'active', 1, 1)",
+        )
+        .expect("organisation");
+        let text = |s: &str| Some(s.to_string());
+        let source = NewSource {
+            id: 7,
+            org_id: "org-a".into(),
+            system: "urn:mrn".into(),
+            value: "MRN-7".into(),
+            enterprise_id: 3,
+            status: "active".into(),
+            link_kind: "new".into(),
+            version: 2,
+            resource: r#"{"resourceType":"Patient"}"#.into(),
+            family: text("family"),
+            given: text("given"),
+            family_phonetic: text("FML"),
+            given_phonetic: text("JFN"),
+            birth_date: text("1970-02-03"),
+            gender: text("female"),
+            postcode: text("12345"),
+            phone: text("5550100"),
+            demographics: r#"{"family":"family"}"#.into(),
+            created_at: 11,
+            updated_at: 12,
+        };
+        let rows = BulkRows {
+            identities: vec![NewIdentity {
+                id: 3,
+                status: "active".into(),
+                merged_into: Some(2),
+                golden: r#"{"golden":true}"#.into(),
+                created_at: 21,
+                updated_at: 22,
+            }],
+            sources: vec![source.clone()],
+            identifiers: vec![("urn:ssn".into(), "123-45-6789".into(), 7)],
+            keys: vec![(4242, 7)],
+            decisions: vec![NewDecision {
+                source_id: 7,
+                candidate_id: Some(5),
+                outcome: "linked".into(),
+                score: Some(17.5),
+                breakdown: "[breakdown]".into(),
+                created_at: 31,
+            }],
+            reviews: vec![NewReview::new(
+                9,
+                7,
+                "potential-match",
+                8.5,
+                "[pair]".into(),
+                41,
+            )],
+            history: vec![NewHistory {
+                enterprise_id: 3,
+                action: "link".into(),
+                detail: "{detail}".into(),
+                actor: text("operator"),
+                created_at: 51,
+            }],
+        };
+        crate::db::write_tx(&mut conn, |c| insert_bulk(c, rows)).expect("insert");
+        let stored = get_source(&mut conn, 7).expect("read").expect("the record");
+        assert_eq!(format!("{stored:?}"), format!("{:?}", source.stored()));
+        let identity = get_identity(&mut conn, 3)
+            .expect("read")
+            .expect("the identity");
+        assert_eq!(
+            (
+                identity.status.as_str(),
+                identity.merged_into,
+                identity.golden.as_str()
+            ),
+            ("active", Some(2), r#"{"golden":true}"#)
+        );
+        assert_eq!((identity.created_at, identity.updated_at), (21, 22));
+        assert_eq!(
+            sources_with_identifier(&mut conn, "urn:ssn", "123-45-6789").expect("read"),
+            vec![7]
+        );
+        assert_eq!(filed_under(&mut conn, 4242, 10).expect("read"), vec![7]);
+        let d = &decisions(&mut conn, 7).expect("read")[0];
+        assert_eq!(
+            (
+                d.candidate_id,
+                d.outcome.as_str(),
+                d.score,
+                d.breakdown.as_str(),
+                d.created_at
+            ),
+            (Some(5), "linked", Some(17.5), "[breakdown]", 31)
+        );
+        let r = &reviews(&mut conn, "open", 0, 10).expect("read")[0];
+        assert_eq!(
+            (
+                r.source_a,
+                r.source_b,
+                r.kind.as_str(),
+                r.score,
+                r.breakdown.as_str()
+            ),
+            (7, 9, "potential-match", 8.5, "[pair]")
+        );
+        assert_eq!((r.status.as_str(), r.created_at), ("open", 41));
+        let h = &history(&mut conn, 3).expect("read")[0];
+        assert_eq!(
+            (
+                h.action.as_str(),
+                h.detail.as_str(),
+                h.actor.as_deref(),
+                h.created_at
+            ),
+            ("link", "{detail}", Some("operator"), 51)
+        );
+    }
+
     #[test]
     fn a_load_past_its_bound_starts_the_write_ahead_log_over_and_its_end_empties_it() {
         let dir = tempfile::tempdir().expect("tempdir");

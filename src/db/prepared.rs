@@ -171,8 +171,7 @@ pub fn insert_rows<R: Row>(conn: &mut SqliteConnection, rows: &[R]) -> QueryResu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diesel::connection::Connection;
-    use diesel::connection::SimpleConnection;
+    use diesel::connection::{Connection, SimpleConnection};
     use diesel::sql_types::{BigInt, Text};
     use diesel::{QueryableByName, RunQueryDsl};
 
