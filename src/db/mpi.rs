@@ -1374,8 +1374,7 @@ pub fn allocate_record_and_identity_ids(
 }
 
 /// A source record written by a bulk load, with the id it was allocated.
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = source_records, treat_none_as_default_value = false)]
+#[derive(Debug, Clone)]
 pub struct NewSource {
     pub id: i64,
     pub org_id: String,
@@ -1430,8 +1429,7 @@ impl NewSource {
 }
 
 /// A decision of a bulk load.
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = match_decisions, treat_none_as_default_value = false)]
+#[derive(Debug, Clone)]
 pub struct NewDecision {
     pub source_id: i64,
     pub candidate_id: Option<i64>,
@@ -1479,8 +1477,7 @@ pub struct NewHistory {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = identities, treat_none_as_default_value = false)]
+#[derive(Debug, Clone)]
 pub struct NewIdentity {
     pub id: i64,
     pub status: String,
