@@ -6,6 +6,9 @@
 //!   cargo bench --bench mpi_scale -- [--records N] [--clients C] [--database-url URL] [--http-records M] [--queries Q] [--import-only [--keep]] [--reuse KEPT_DIR] [--import-batch N]
 //!
 //! With --database-url postgres://… the database must be empty (the script makes a fresh one).
+//! HIE_BENCH_LATENCIES=FILE writes each query's `$match` and PDQm milliseconds (one line each,
+//! in order); HIE_BENCH_SERVER_LOG=info has the broker log each request with its own time, to
+//! tell the server's part of a slow request from the client's.
 
 mod support;
 
@@ -173,7 +176,10 @@ fn main() {
         .arg("--config")
         .arg(&config)
         .arg("serve")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("HIE_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .spawn()
         .expect("serve");
@@ -291,6 +297,15 @@ fn main() {
             assert!(r.status().is_success(), "PDQm {}: {}", r.status(), r.text().await.unwrap_or_default());
             let _ = r.bytes().await;
             pdq_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        if let Ok(path) = std::env::var("HIE_BENCH_LATENCIES") {
+            let lines: Vec<String> = match_ms
+                .iter()
+                .zip(&pdq_ms)
+                .enumerate()
+                .map(|(i, (m, q))| format!("{i} {m:.3} {q:.3}"))
+                .collect();
+            std::fs::write(path, lines.join("\n")).expect("latencies");
         }
         for v in [&mut match_ms, &mut pdq_ms] {
             v.sort_by(f64::total_cmp);

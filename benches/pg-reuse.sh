@@ -30,6 +30,9 @@ for _ in $(seq "$runs"); do
     [ "$bin" -ef "$root/target/release/hie" ] || cp "$bin" "$root/target/release/hie"
     psql_ "DROP DATABASE IF EXISTS $copy"
     psql_ "CREATE DATABASE $copy TEMPLATE $template"
+    # The copy's pages written out before the run, not during it.
+    psql_ "CHECKPOINT"
+    sync
     sed -i "s#^url = .*#url = \"postgres://$user@$host:$port/$copy\"#" "$kept/hie.toml"
     echo "== $bin"
     "$bench" --reuse "$kept" --database-url "postgres://$user@$host:$port/$copy" "$@" |

@@ -22,14 +22,19 @@ fn cert(id: &str) -> CertInfo {
     }
 }
 
-async fn concurrent_writes_commit_together_and_fail_alone(backend: Backend) {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A database of the backend's (SQLite: a file in `dir`), migrated.
+fn open(backend: &Backend, dir: &std::path::Path) -> Db {
     let mut config = Config::load_with_env(None, |_| None).expect("config");
-    config.database.url = match &backend {
-        Backend::Sqlite => format!("sqlite://{}", dir.path().join("hie.db").display()),
+    config.database.url = match backend {
+        Backend::Sqlite => format!("sqlite://{}", dir.join("hie.db").display()),
         Backend::Postgres(url) => url.clone(),
     };
-    let db = Db::open(&config.database).expect("db");
+    Db::open(&config.database).expect("db")
+}
+
+async fn concurrent_writes_commit_together_and_fail_alone(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(&backend, dir.path());
     let tasks: Vec<_> = (0..40)
         .map(|i| {
             let db = db.clone();
@@ -81,6 +86,54 @@ async fn concurrent_writes_commit_together_and_fail_alone(backend: Backend) {
     }
 }
 on_both_backends!(concurrent_writes_commit_together_and_fail_alone);
+
+/// The audit writer appends after the head it wrote last (on PostgreSQL one statement of its
+/// own); when that head is gone — a transaction that appended rolled back, as another
+/// process's append would move it — it appends in a transaction after the head as it is.
+/// Either way every record is chained once, in order.
+async fn audit_records_chain_after_a_rolled_back_append(backend: Backend) {
+    use hie_broker::audit::{Action, AuditRecord, Auditor};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(&backend, dir.path());
+    let auditor = Auditor::start(db.clone(), 8, hie_broker::metrics::Metrics::new());
+    fn record(n: usize) -> AuditRecord {
+        AuditRecord::new(&Actor::cli(), "rest", Action::Read, "read").query(format!("n={n}"))
+    }
+    let mut seqs = Vec::new();
+    for round in 0..3 {
+        // Concurrent records, committed in groups.
+        let pending: Vec<_> = (0..10)
+            .map(|i| {
+                let a = auditor.clone();
+                let r = record(round * 10 + i);
+                tokio::spawn(async move { a.record(r).await })
+            })
+            .collect();
+        for p in pending {
+            seqs.push(p.await.expect("task").expect("audited"));
+        }
+        // An append whose transaction rolls back: the head it wrote never was.
+        let refused = db
+            .write(|c| {
+                hie_broker::db::audit::append(c, &[record(999)])?;
+                Err::<(), _>(Error::invalid("rolled back"))
+            })
+            .await;
+        assert!(refused.is_err());
+    }
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=30).collect::<Vec<i64>>(),
+        "each record chained once, none lost"
+    );
+    let mut conn = db.get().expect("conn");
+    match hie_broker::cli::verify_chain(&mut conn).expect("verify") {
+        hie_broker::audit::Verification::Intact { records, .. } => assert_eq!(records, 30),
+        broken => panic!("{broken:?}"),
+    }
+}
+on_both_backends!(audit_records_chain_after_a_rolled_back_append);
 
 fn member(c: &mut hie_broker::db::DbConn, id: &str) -> orgs::Organization {
     let new = NewOrganization {

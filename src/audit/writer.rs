@@ -86,10 +86,20 @@ async fn commit(db: &Db, batch: Vec<(Box<AuditRecord>, Waiter)>, metrics: &Metri
     }
     let (records, waiters): (Vec<_>, Vec<_>) = batch.into_iter().map(|(r, w)| (*r, w)).unzip();
     let count = records.len();
-    let result = db
+    let result = if db.is_sqlite() {
         // `write` is one transaction already (a savepoint in it was two more round trips).
-        .write(move |conn| db::audit::append(conn, &records))
-        .await;
+        db.write(move |conn| db::audit::append(conn, &records))
+            .await
+    } else {
+        // PostgreSQL: one statement of its own after the head last written, else a transaction.
+        db.run(
+            move |conn| match db::audit::append_at_guess(conn, &records)? {
+                Some(seqs) => Ok(seqs),
+                None => db::write_tx(conn, |c| db::audit::append(c, &records)),
+            },
+        )
+        .await
+    };
     match result {
         Ok(seqs) => {
             metrics.audit_committed(count);

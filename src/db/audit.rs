@@ -118,21 +118,38 @@ fn chain(mut seq: i64, hash: String, records: &[AuditRecord]) -> (Vec<Row>, i64,
     (rows, seq, prev)
 }
 
+/// PostgreSQL: the records appended after the head this process wrote last, if it is still
+/// the head — `append_pg` is one statement, so outside a transaction it is its own, committed
+/// (and on disk, with `synchronous_commit` on) when it returns: one round trip where `BEGIN`,
+/// the statement and `COMMIT` were three. Their sequence numbers, or None when nothing was
+/// written (SQLite, no head known, or another writer moved it): then `append` in a transaction.
+pub fn append_at_guess(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Option<Vec<i64>>> {
+    let DbConn::Postgresql(pg) = conn else {
+        return Ok(None);
+    };
+    if records.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let guessed = guess().clone();
+    let Some((seq, hash)) = guessed else {
+        return Ok(None);
+    };
+    let (rows, new_seq, new_hash) = chain(seq, hash.clone(), records);
+    if !append_pg(pg, &rows, (seq, &hash), new_seq, &new_hash)? {
+        return Ok(None);
+    }
+    *guess() = Some((new_seq, new_hash));
+    Ok(Some(rows.iter().map(|r| r.seq).collect()))
+}
+
 /// Appends records to the chain; call inside a transaction. Returns their sequence numbers.
 pub fn append(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Vec<i64>> {
     if records.is_empty() {
         return Ok(Vec::new());
     }
     let seqs = |rows: &[Row]| rows.iter().map(|r| r.seq).collect();
-    if let DbConn::Postgresql(pg) = conn {
-        let guessed = guess().clone();
-        if let Some((seq, hash)) = guessed {
-            let (rows, new_seq, new_hash) = chain(seq, hash.clone(), records);
-            if append_pg(pg, &rows, (seq, &hash), new_seq, &new_hash)? {
-                *guess() = Some((new_seq, new_hash));
-                return Ok(seqs(&rows));
-            }
-        }
+    if let Some(seqs) = append_at_guess(conn, records)? {
+        return Ok(seqs);
     }
     // The head, locked and read in one statement kept prepared (`db::prepared`): on
     // PostgreSQL a `SELECT … FOR UPDATE`; SQLite has no row locks, so there a write takes the

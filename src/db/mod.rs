@@ -320,6 +320,10 @@ impl Db {
         &self.url
     }
 
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self.url, DbUrl::Sqlite(_))
+    }
+
     pub fn get(&self) -> Result<PooledConn> {
         Ok(self.pool.get()?)
     }
