@@ -1,6 +1,7 @@
 //! Group commit for audit records of reads: concurrent requests hand their records to one
-//! writer task, which appends whatever has queued up in a single transaction and answers each
-//! request when its record is durable.
+//! writer task, which appends whatever has queued up in a single transaction (on PostgreSQL
+//! usually a single statement, its own transaction: `db::audit::append_at_guess`) and answers
+//! each request when its record is durable.
 
 use tokio::sync::{mpsc, oneshot};
 

@@ -320,6 +320,7 @@ impl Db {
         &self.url
     }
 
+    /// The embedded backend (one writer thread; `write` queues for it).
     pub fn is_sqlite(&self) -> bool {
         matches!(self.url, DbUrl::Sqlite(_))
     }
