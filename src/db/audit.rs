@@ -136,6 +136,15 @@ pub fn append_at_guess(conn: &mut DbConn, records: &[AuditRecord]) -> Result<Opt
     };
     let (rows, new_seq, new_hash) = chain(seq, hash.clone(), records);
     if !append_pg(pg, &rows, (seq, &hash), new_seq, &new_hash)? {
+        // Stale: forgotten (unless another append has guessed since), so that the `append`
+        // that follows locks and reads the head without sending this statement again.
+        let mut guessed = guess();
+        if guessed
+            .as_ref()
+            .is_some_and(|(s, h)| *s == seq && *h == hash)
+        {
+            *guessed = None;
+        }
         return Ok(None);
     }
     *guess() = Some((new_seq, new_hash));
