@@ -3,9 +3,11 @@
 # rather than as the machine's package installed it (shared_buffers = 128 MB there).
 #
 #   bash benches/pg-instance.sh start [SHARED_BUFFERS] [PORT]   # default 4GB, 5433; prints the URL
+#   PG_SETTINGS="max_wal_size=16GB wal_compression=lz4" bash benches/pg-instance.sh start 4GB
 #   bash benches/pg-instance.sh stop [PORT]
 #
-# Everything else is PostgreSQL's default: fsync and synchronous_commit on, max_wal_size 1 GB.
+# Everything else is PostgreSQL's default (fsync and synchronous_commit on, max_wal_size 1 GB)
+# unless PG_SETTINGS names more settings, `name=value` separated by spaces.
 # The cluster lives in /tmp/hie-pg-PORT and is deleted by `stop`. Needs the postgres user and
 # PostgreSQL 15's binaries (Debian: /usr/lib/postgresql/15/bin); run as root or as postgres.
 set -euo pipefail
@@ -25,7 +27,9 @@ start)
   if [ ! -d "$dir/data" ]; then
     as_postgres "$bin/initdb -D $dir/data -A trust -U postgres" >"$dir/initdb.log"
   fi
-  as_postgres "$bin/pg_ctl -D $dir/data -l $dir/log -w -o '-c port=$port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c shared_buffers=$buffers' start" >/dev/null
+  extra=""
+  for kv in ${PG_SETTINGS:-}; do extra="$extra -c $kv"; done
+  as_postgres "$bin/pg_ctl -D $dir/data -l $dir/log -w -o '-c port=$port -c listen_addresses=127.0.0.1 -c unix_socket_directories=$dir -c shared_buffers=$buffers$extra' start" >/dev/null
   db=bench_$(date +%s)
   psql -h 127.0.0.1 -p "$port" -U postgres -d postgres -qAtc "CREATE DATABASE $db"
   echo "postgres://postgres@127.0.0.1:$port/$db"

@@ -255,3 +255,167 @@ async fn an_update_refiles_the_record_under_its_new_demographics(backend: Backen
     assert_eq!(oscar.outcome, "new-identity");
 }
 on_both_backends!(an_update_refiles_the_record_under_its_new_demographics);
+
+/// PDQm's name and postcode prefixes (`family=smi`) are ranges the columns' indexes answer, on
+/// both backends: before, `LIKE 'smi%'` read every record (0.47 s at 1M patients), since
+/// neither backend can use a plain index for it here. The search finds exactly the values
+/// starting with the prefix, and the plan of each range names its index.
+async fn pdqm_prefixes_are_answered_from_their_indexes(backend: Backend) {
+    use diesel::prelude::*;
+    use hie_broker::db::mpi::{pdq_search, prefix_range, PdqCriteria};
+    use hie_broker::db::DbConn;
+    use hie_broker::mpi::{self, FeedRequest, MpiSettings};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(&backend, dir.path());
+    let settings =
+        MpiSettings::from_config(&Config::load_with_env(None, |_| None).expect("config"))
+            .expect("settings");
+    let mut c = db.get().expect("conn");
+    let a = member(&mut c, "member-a");
+    // Four different people: other given names, birth dates, national ids and addresses.
+    let people = [
+        ("A-1", "Anna", "Smith", "1950-01-01", "2000"),
+        ("A-2", "Boris", "Smithers", "1961-02-02", "2010"),
+        ("A-3", "Chen", "Smyth", "1972-03-03", "3020"),
+        ("A-4", "Dana", "Asmith", "1983-04-04", "20"),
+    ];
+    let mut eid = std::collections::HashMap::new();
+    for (n, (mrn, given, family, dob, postcode)) in people.iter().enumerate() {
+        let p = serde_json::json!({
+            "resourceType": "Patient",
+            "identifier": [{ "system": "urn:member-a", "value": mrn },
+                           { "system": "http://hl7.org/fhir/sid/us-ssn", "value": format!("{n}{n}{n}-0{n}-000{n}") }],
+            "name": [{ "family": family, "given": [given] }],
+            "birthDate": dob,
+            "address": [{ "line": [format!("{n} Other St")], "postalCode": postcode }]
+        });
+        let r = mpi::feed(
+            &mut c,
+            &settings,
+            &a,
+            &FeedRequest {
+                system: "urn:member-a",
+                value: mrn,
+                patient: &p,
+            },
+            &Actor::cli(),
+        )
+        .expect("feed");
+        assert_eq!(
+            r.outcome, "new-identity",
+            "{family} is a person of their own"
+        );
+        eid.insert(*family, r.enterprise_id);
+    }
+    let found = |c: &mut DbConn, criteria: PdqCriteria| {
+        let (mut ids, total) = pdq_search(c, &criteria, 0, 10).expect("search");
+        ids.sort_unstable();
+        assert_eq!(total, ids.len() as i64);
+        ids
+    };
+    let people_named = |names: &[&str]| {
+        let mut ids: Vec<i64> = names.iter().map(|n| eid[n]).collect();
+        ids.sort_unstable();
+        ids
+    };
+    let family = found(
+        &mut c,
+        PdqCriteria {
+            family_prefix: Some("smi".into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(family, people_named(&["Smith", "Smithers"]));
+    let given = found(
+        &mut c,
+        PdqCriteria {
+            given_prefix: Some("bor".into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(given, people_named(&["Smithers"]));
+    let postcode = found(
+        &mut c,
+        PdqCriteria {
+            postcode: Some("20".into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(postcode, people_named(&["Smith", "Smithers", "Asmith"]));
+    let whole_name = found(
+        &mut c,
+        PdqCriteria {
+            family_prefix: Some("smithers".into()),
+            ..Default::default()
+        },
+    );
+    assert_eq!(whole_name, people_named(&["Smithers"]));
+
+    #[derive(QueryableByName)]
+    struct Step {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        detail: String,
+    }
+    for (column, index) in [
+        ("family", "source_records_family"),
+        ("given", "source_records_given"),
+        ("postcode", "source_records_postcode"),
+    ] {
+        let (from, to) = prefix_range("smi");
+        let plan: Vec<Step> = match &mut *c {
+            DbConn::Sqlite(s) => diesel::sql_query(format!(
+                "EXPLAIN QUERY PLAN SELECT id FROM source_records WHERE {column} >= ? AND {column} < ?"
+            ))
+            .bind::<diesel::sql_types::Text, _>(&from)
+            .bind::<diesel::sql_types::Text, _>(&to)
+            .load(s),
+            DbConn::Postgresql(pg) => {
+                // Four records: PostgreSQL would rather read the table than any index; told
+                // not to, it still does when the index cannot answer the range.
+                diesel::connection::SimpleConnection::batch_execute(
+                    pg,
+                    "SET enable_seqscan = off",
+                )
+                .expect("set");
+                diesel::sql_query(format!(
+                    "EXPLAIN SELECT id FROM source_records WHERE {column} >= $1 AND {column} < $2"
+                ))
+                .bind::<diesel::sql_types::Text, _>(&from)
+                .bind::<diesel::sql_types::Text, _>(&to)
+                .load::<PgPlanLine>(pg)
+                .map(|lines| lines.into_iter().map(|l| Step { detail: l.line }).collect())
+            }
+        }
+        .expect("plan");
+        let plan: Vec<String> = plan.into_iter().map(|s| s.detail).collect();
+        assert!(
+            plan.iter().any(|line| line.contains(index)),
+            "{column}'s prefix range is answered from {index}: {plan:?}"
+        );
+    }
+    // On PostgreSQL the range holds exactly the values with the prefix only where the column
+    // compares bytes, whatever the database's own collation.
+    if let DbConn::Postgresql(pg) = &mut *c {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let bytes: Count = diesel::sql_query(
+            "SELECT count(*) AS n FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = 'source_records' \
+             AND column_name IN ('family', 'given', 'postcode') AND collation_name = 'C'",
+        )
+        .get_result(pg)
+        .expect("collations");
+        assert_eq!(bytes.n, 3, "family, given and postcode compare bytes");
+    }
+}
+on_both_backends!(pdqm_prefixes_are_answered_from_their_indexes);
+
+/// A line of PostgreSQL's `EXPLAIN`.
+#[derive(diesel::QueryableByName)]
+struct PgPlanLine {
+    #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
+    line: String,
+}

@@ -1,0 +1,3 @@
+-- PostgreSQL only: SQLite's text columns already compare bytes (BINARY), which PDQm's prefix
+-- ranges need.
+SELECT 1;
