@@ -661,6 +661,9 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
     );
     let actor = Actor::cli();
     let started = std::time::Instant::now();
+    // Into an empty index on PostgreSQL, PDQm's indexes are built once at the end rather than
+    // entry by entry (`restore_search_indexes`, also after a failed load).
+    let deferred = db::mpi::defer_search_indexes(&mut conn)?;
     let pipe = Pipeline::new(db.writes());
     // The matcher reads on its own connection, alongside the writes. (On SQLite, reading on
     // the writer's connection — whose page cache stays warm — was measured too: at 1M the
@@ -670,7 +673,7 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
     let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
     let mut read_failed = 0u64;
     let mut matched_again = 0u64;
-    std::thread::scope(|scope| -> Result<()> {
+    let loaded = std::thread::scope(|scope| -> Result<()> {
         let write_all = || -> Result<(u64, u64, u64, u64)> {
             let mut conn = connect()?;
             let mut written = Written::default();
@@ -813,7 +816,19 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
         matching?;
         (ok, failed, linked, matched_again) = (o, f + read_failed, l, again);
         Ok(())
-    })?;
+    });
+    if deferred {
+        let building = std::time::Instant::now();
+        let built = db::mpi::restore_search_indexes(&mut conn);
+        loaded?;
+        println!(
+            "built {} PDQm index(es) after the load in {:.1} s",
+            built?,
+            building.elapsed().as_secs_f64()
+        );
+    } else {
+        loaded?;
+    }
     let secs = started.elapsed().as_secs_f64();
     println!(
         "imported {ok} record(s) for '{}' in {secs:.1} s ({:.0}/s): {linked} linked to existing people, {failed} refused",

@@ -419,3 +419,85 @@ struct PgPlanLine {
     #[diesel(sql_type = diesel::sql_types::Text, column_name = "QUERY PLAN")]
     line: String,
 }
+
+/// On PostgreSQL an initial `hie import` builds PDQm's indexes at its end instead of entry by
+/// entry: `defer_search_indexes` drops them only while no record is stored, and the next
+/// start (`Db::open`, as after a load that stopped midway) or `restore_search_indexes` builds
+/// them again as the migrations made them. On SQLite nothing is dropped.
+async fn pdqm_indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
+    use diesel::prelude::*;
+    use hie_broker::db::mpi::{defer_search_indexes, restore_search_indexes};
+    use hie_broker::db::DbConn;
+    #[derive(QueryableByName, PartialEq, Debug)]
+    struct Def {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        def: String,
+    }
+    let definitions = |c: &mut DbConn| -> Vec<String> {
+        let rows: Vec<Def> = match c {
+            DbConn::Sqlite(s) => diesel::sql_query(
+                "SELECT sql AS def FROM sqlite_master WHERE type = 'index' \
+                 AND tbl_name = 'source_records' AND sql IS NOT NULL ORDER BY name",
+            )
+            .load(s),
+            DbConn::Postgresql(pg) => diesel::sql_query(
+                "SELECT indexdef AS def FROM pg_indexes WHERE schemaname = current_schema() \
+                 AND tablename = 'source_records' ORDER BY indexname",
+            )
+            .load(pg),
+        }
+        .expect("indexes");
+        rows.into_iter().map(|d| d.def).collect()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(&backend, dir.path());
+    let mut c = db.get().expect("conn");
+    let migrated = definitions(&mut c);
+    assert!(migrated
+        .iter()
+        .any(|d| d.contains("source_records_family ")));
+    let deferred = defer_search_indexes(&mut c).expect("defer");
+    assert_eq!(deferred, matches!(backend, Backend::Postgres(_)));
+    let during = definitions(&mut c);
+    if deferred {
+        assert_eq!(during.len(), migrated.len() - 5, "{during:?}");
+        assert!(!during.iter().any(|d| d.contains("(family)")));
+    } else {
+        assert_eq!(during, migrated);
+    }
+    // A load that stopped here: the next start builds them.
+    drop(c);
+    let db = open(&backend, dir.path());
+    let mut c = db.get().expect("conn");
+    assert_eq!(definitions(&mut c), migrated, "as the migrations made them");
+    assert_eq!(restore_search_indexes(&mut c).expect("restore"), 0);
+    // Once anything is stored, a load maintains them as it goes.
+    let a = member(&mut c, "member-a");
+    let settings = hie_broker::mpi::MpiSettings::from_config(
+        &Config::load_with_env(None, |_| None).expect("config"),
+    )
+    .expect("settings");
+    let p = person(
+        "urn:member-a",
+        "A-1",
+        "Anna",
+        "Smith",
+        "1950-01-01",
+        "111-11-1111",
+    );
+    hie_broker::mpi::feed(
+        &mut c,
+        &settings,
+        &a,
+        &hie_broker::mpi::FeedRequest {
+            system: "urn:member-a",
+            value: "A-1",
+            patient: &p,
+        },
+        &Actor::cli(),
+    )
+    .expect("feed");
+    assert!(!defer_search_indexes(&mut c).expect("defer"));
+    assert_eq!(definitions(&mut c), migrated);
+}
+on_both_backends!(pdqm_indexes_deferred_for_an_initial_load_come_back);

@@ -1270,6 +1270,86 @@ impl LoadUpkeep {
     }
 }
 
+/// The indexes only PDQm reads — a person searched by name, phonetic family name, birth date,
+/// postcode — as the migrations create them: (index, column of `source_records`). Nothing in
+/// matching reads them, and every record written adds an entry at a random place in each: on
+/// PostgreSQL they were 31 % of a bulk load's writing backend (with two integer indexes that
+/// grow at their end), and built once afterwards they take ~0.6 s each at 833k records.
+const SEARCH_INDEXES: [(&str, &str); 5] = [
+    ("source_records_family", "family"),
+    ("source_records_given", "given"),
+    ("source_records_family_phonetic", "family_phonetic"),
+    ("source_records_birth_date", "birth_date"),
+    ("source_records_postcode", "postcode"),
+];
+
+/// The migrations' advisory lock (`db::migrate`): index changes wait for one another.
+const SCHEMA_LOCK: &str = "SELECT pg_advisory_xact_lock(727274)";
+
+/// PostgreSQL, before `hie import` loads: when no record is stored yet (an initial load), drops
+/// the PDQm indexes (`SEARCH_INDEXES`), which `restore_search_indexes` builds at the load's
+/// end — the PostgreSQL manual's way of populating a database. Meanwhile a running broker's
+/// PDQm searches read the whole table; nothing else reads them. Returns whether it dropped
+/// them. SQLite: nothing (there they cost the load little).
+pub fn defer_search_indexes(conn: &mut DbConn) -> Result<bool> {
+    #[derive(QueryableByName)]
+    struct Empty {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        empty: bool,
+    }
+    let DbConn::Postgresql(pg) = conn else {
+        return Ok(false);
+    };
+    pg.transaction(|pg| {
+        pg.batch_execute(SCHEMA_LOCK)?;
+        let stored: Empty =
+            diesel::sql_query("SELECT NOT EXISTS (SELECT 1 FROM source_records) AS empty")
+                .get_result(pg)?;
+        if !stored.empty {
+            return Ok(false);
+        }
+        let names: Vec<&str> = SEARCH_INDEXES.iter().map(|(name, _)| *name).collect();
+        pg.batch_execute(&format!("DROP INDEX IF EXISTS {}", names.join(", ")))?;
+        Ok(true)
+    })
+}
+
+/// PostgreSQL: builds whichever PDQm index is missing — after a load that deferred them, and
+/// at every start (`db::migrate`), so that a load stopped midway leaves none missing past the
+/// next command. Returns how many it built.
+pub fn restore_search_indexes(conn: &mut DbConn) -> Result<usize> {
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = Text)]
+        indexname: String,
+    }
+    let DbConn::Postgresql(pg) = conn else {
+        return Ok(0);
+    };
+    pg.transaction(|pg| {
+        pg.batch_execute(SCHEMA_LOCK)?;
+        let present: Vec<Name> = diesel::sql_query(
+            "SELECT indexname FROM pg_indexes \
+             WHERE schemaname = current_schema() AND tablename = 'source_records'",
+        )
+        .load(pg)?;
+        let missing: Vec<&(&str, &str)> = SEARCH_INDEXES
+            .iter()
+            .filter(|(name, _)| !present.iter().any(|p| p.indexname == *name))
+            .collect();
+        if !missing.is_empty() {
+            // Sorted in memory rather than in files at 1M records (the default is 64 MB).
+            pg.batch_execute("SET LOCAL maintenance_work_mem = '256MB'")?;
+        }
+        for (name, column) in &missing {
+            pg.batch_execute(&format!(
+                "CREATE INDEX IF NOT EXISTS {name} ON source_records ({column})"
+            ))?;
+        }
+        Ok(missing.len())
+    })
+}
+
 /// Tables whose ids a bulk load assigns itself.
 #[derive(Debug, Clone, Copy)]
 pub enum IdTable {
