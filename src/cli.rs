@@ -820,6 +820,10 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
     if deferred {
         let building = std::time::Instant::now();
         let built = db::mpi::restore_search_indexes(&mut conn);
+        if let (Err(_), Err(e)) = (&loaded, &built) {
+            // The load's error is the one returned; the next start builds them.
+            eprintln!("the PDQm indexes were not built after the failed load: {e}");
+        }
         loaded?;
         println!(
             "built {} PDQm index(es) after the load in {:.1} s",

@@ -1273,8 +1273,8 @@ impl LoadUpkeep {
 /// The indexes only PDQm reads — a person searched by name, phonetic family name, birth date,
 /// postcode — as the migrations create them: (index, column of `source_records`). Nothing in
 /// matching reads them, and every record written adds an entry at a random place in each: on
-/// PostgreSQL they were 31 % of a bulk load's writing backend (with two integer indexes that
-/// grow at their end), and built once afterwards they take ~0.6 s each at 833k records.
+/// PostgreSQL a fifth of a bulk load's writing backend (48–50 s of CPU for 833k records with
+/// them, 37–39 s without, their build afterwards included: 2.1 s for all five).
 const SEARCH_INDEXES: [(&str, &str); 5] = [
     ("source_records_family", "family"),
     ("source_records_given", "given"),
