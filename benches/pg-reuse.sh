@@ -33,9 +33,9 @@ for _ in $(seq "$runs"); do
     # The copy's pages written out before the run, not during it.
     psql_ "CHECKPOINT"
     sync
-    sed -i "s#^url = .*#url = \"postgres://$user@$host:$port/$copy\"#" "$kept/hie.toml"
+    sed -i "s#^url = .*#url = \"postgres://$user@$host:$port/$copy${PG_URL_QUERY:-}\"#" "$kept/hie.toml"
     echo "== $bin"
-    "$bench" --reuse "$kept" --database-url "postgres://$user@$host:$port/$copy" "$@" |
+    "$bench" --reuse "$kept" --database-url "postgres://$user@$host:$port/$copy${PG_URL_QUERY:-}" "$@" |
       grep -E "HTTP feed|batches|latency|database size"
   done
 done

@@ -664,6 +664,11 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
     // Into an empty index on PostgreSQL, PDQm's indexes are built once at the end rather than
     // entry by entry (`restore_search_indexes`, also after a failed load).
     let deferred = db::mpi::defer_search_indexes(&mut conn)?;
+    // Into an empty index, the load's records are the only candidates: matched from memory.
+    let resident = match db::mpi::holds_no_records(&mut conn)? {
+        true => Some(db::mpi::newest_id(&mut conn, db::mpi::IdTable::SourceRecords)?),
+        false => None,
+    };
     let pipe = Pipeline::new(db.writes());
     // The matcher reads on its own connection, alongside the writes. (On SQLite, reading on
     // the writer's connection — whose page cache stays warm — was measured too: at 1M the
@@ -676,7 +681,10 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
     let loaded = std::thread::scope(|scope| -> Result<()> {
         let write_all = || -> Result<(u64, u64, u64, u64)> {
             let mut conn = connect()?;
-            let mut written = Written::default();
+            let mut written = match resident {
+                Some(_) => Written::for_resident(),
+                None => Written::default(),
+            };
             let (mut ok, mut failed, mut linked) = (0u64, 0u64, 0u64);
             let mut upkeep = db::mpi::LoadUpkeep::new(&mut conn)?;
             // Moved in (a `recv` only borrows it): the closure owns the channel's end.
@@ -750,7 +758,7 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
         // and those it starts from here on (reading, preparing, scoring) yield it the core
         // they share. For a command that exits when it is done: the priority is not restored.
         crate::mpi::bulk::behind_the_writer();
-        let mut matcher = Matcher::default();
+        let mut matcher = resident.map_or_else(Matcher::default, Matcher::resident);
         // The writer stopped: its error is the one reported.
         let stopped = || Error::unavailable("the import's writer stopped");
         // The next batch's lines are read and parsed while this one is matched.

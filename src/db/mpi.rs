@@ -1103,6 +1103,9 @@ pub type CandidateRow = (i64, String, i64, String);
 /// (id, org, identity, demographics) of the active records among `ids`.
 pub fn matchable(conn: &mut DbConn, ids: &[i64]) -> Result<Vec<CandidateRow>> {
     let mut out = Vec::new();
+    if ids.is_empty() {
+        return Ok(out);
+    }
     if conn.is_sqlite() {
         #[derive(QueryableByName)]
         struct Matchable {
@@ -1370,6 +1373,17 @@ impl IdTable {
 struct NextId {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     n: i64,
+}
+
+/// Whether the index holds no source record (before an initial load).
+pub fn holds_no_records(conn: &mut DbConn) -> Result<bool> {
+    #[derive(QueryableByName)]
+    struct Empty {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        empty: bool,
+    }
+    let q = "SELECT NOT EXISTS (SELECT 1 FROM source_records) AS empty";
+    Ok(prepared::sql(q).get_result::<Empty>(conn)?.empty)
 }
 
 /// The id the last row of `table` was given, as `allocate_ids` sees it: the next allocation

@@ -17,7 +17,7 @@
 
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -312,6 +312,8 @@ pub struct Matcher {
     next_group: u64,
     /// A group whose online records change what the next one must see: wait until written.
     flush_after: Option<u64>,
+    /// An initial load's records already written, still matched from memory (`resident`).
+    resident: Option<Resident>,
 }
 
 impl Default for Matcher {
@@ -322,11 +324,99 @@ impl Default for Matcher {
             next_identity: PENDING,
             next_group: 0,
             flush_after: None,
+            resident: None,
         }
     }
 }
 
+/// The written groups of a load into an empty index, kept as one pending group (`Matcher::
+/// resident`): every record stored is one of them, so matching reads nothing. Its records keep
+/// their pending ids, which the writer resolves (`Written::for_resident`).
+struct Resident {
+    /// The groups' records, keys and identifiers, in order (`first`: the first group's).
+    merged: Arc<PendingGroup>,
+    /// The groups merged: a group decided on their records holds only if each was written as
+    /// decided (`Matched::depends_on`).
+    groups: Vec<u64>,
+    /// The newest record id when the load began, before its first group.
+    base: i64,
+}
+
+/// Records an initial load keeps in memory at most (`Matcher::resident`), ~0.9 KB each with
+/// their keys (peak RSS in BENCHMARKS.md, session 33); past them it reads the database again.
+pub const RESIDENT_RECORDS: usize = 2_000_000;
+
+/// Groups kept in memory at most (each costs the writer's id lookups a step).
+pub const RESIDENT_GROUPS: usize = 64;
+
 impl Matcher {
+    /// For a load into an index that holds no record (`base`: the newest record id, as
+    /// `store::newest_id` gives it): the load's records are then the only candidates there
+    /// are, and every one it has decided is in memory, so matching reads nothing from the
+    /// database — a load's reads had cost the server as much CPU as its writes. The groups
+    /// written stay in memory, not read back, as long as each was written as decided and
+    /// nothing else added a record (each write checks that its ids follow the load's newest:
+    /// `write_group`), none had records of the online path (an update or a merge changes
+    /// records in the database), and they stay under `RESIDENT_RECORDS` and
+    /// `RESIDENT_GROUPS`; then the database is read again, as by `Matcher::default`. Its
+    /// writer resolves pending ids from `Written::for_resident`.
+    pub fn resident(base: i64) -> Matcher {
+        Matcher {
+            resident: Some(Resident {
+                merged: Arc::new(PendingGroup {
+                    group: NEVER_WRITTEN,
+                    first: PENDING,
+                    records: Vec::new(),
+                    keys: fnv::FnvHashMap::default(),
+                    identifiers: HashSet::new(),
+                }),
+                groups: Vec::new(),
+                base,
+            }),
+            ..Matcher::default()
+        }
+    }
+
+    /// The written groups (below `done`) leave the pending ones: merged into the resident
+    /// ones, or forgotten (the database holds them).
+    fn settle_written(&mut self, done: u64, redecided: bool) {
+        if redecided {
+            self.resident = None;
+        }
+        while self.pending.front().is_some_and(|g| g.group < done) {
+            let Some(g) = self.pending.pop_front() else {
+                break;
+            };
+            if let Some(r) = self.resident.as_mut() {
+                let kept = r.merged.records.len() + g.records.len() <= RESIDENT_RECORDS
+                    && r.groups.len() < RESIDENT_GROUPS
+                    && g.first == r.merged.first + r.merged.records.len() as i64;
+                match (kept, Arc::get_mut(&mut r.merged), Arc::try_unwrap(g)) {
+                    (true, Some(m), Ok(g)) => {
+                        let at = m.records.len();
+                        for (key, ix) in g.keys {
+                            m.keys.entry(key).or_default().extend(ix.iter().map(|i| at + i));
+                        }
+                        m.records.extend(g.records);
+                        m.identifiers.extend(g.identifiers);
+                        r.groups.push(g.group);
+                    }
+                    _ => self.resident = None,
+                }
+            }
+        }
+    }
+
+    /// The groups whose records are candidates besides the stored ones: those kept in memory
+    /// (the oldest), then the pending ones.
+    fn candidate_groups(&self) -> Vec<Arc<PendingGroup>> {
+        let resident = self.resident.as_ref().map(|r| Arc::clone(&r.merged));
+        resident
+            .into_iter()
+            .chain(self.pending.iter().cloned())
+            .collect()
+    }
+
     /// Matches one member's records: `begin`, `ReadRequest::run` on `conn`, `finish`.
     pub fn match_group(
         &mut self,
@@ -361,15 +451,16 @@ impl Matcher {
             }
             let (done, writes) = pipe.begin();
             generation = writes;
-            while self.pending.front().is_some_and(|g| g.group < done) {
-                self.pending.pop_front();
-            }
+            self.settle_written(done, pipe.redecided());
+        } else {
+            self.resident = None;
         }
         Ok(ReadRequest {
             prepared,
-            pending: self.pending.iter().cloned().collect(),
+            pending: self.candidate_groups(),
             generation,
             on_writer: false,
+            resident: self.resident.as_ref().map(|r| r.base),
         })
     }
 
@@ -394,14 +485,10 @@ impl Matcher {
         self.next_group += 1;
         let first_record = self.next_record;
         let first_identity = self.next_identity;
-        let (mut decided, deferred, mut mine) = decide(
-            s,
-            org,
-            gathered,
-            &self.pending,
-            first_record,
-            first_identity,
-        );
+        let pending = self.candidate_groups();
+        let (mut decided, deferred, mut mine) =
+            decide(s, org, gathered, &pending, first_record, first_identity);
+        drop(pending);
         // Updates, merges by link and repeated identifiers change stored records the next
         // group may be matched with: it waits for them. Records whose match would merge
         // identities are written after the group's decided ones, as new records: the next
@@ -410,6 +497,15 @@ impl Matcher {
         // or on a person they touched (`Written::changed_under`).
         let wait = !online.is_empty();
         let online_unseen = pipelined && !wait && !deferred.is_empty();
+        // The database is read again after records of the online path: they may change
+        // records kept in memory.
+        let depends_on: Vec<u64> = match self.resident.as_ref() {
+            Some(r) => r.groups.clone(),
+            None => Vec::new(),
+        };
+        if wait || !deferred.is_empty() {
+            self.resident = None;
+        }
         if online_unseen {
             mine.extend(deferred.iter().enumerate().map(|(i, (_, p))| {
                 let id = first_record + (decided.len() + i) as i64;
@@ -426,7 +522,10 @@ impl Matcher {
         let_go_of_lone_patients(&mut decided, first_identity);
         self.next_record += mine.len() as i64;
         self.next_identity += new_identities as i64;
-        let depends_on = self.pending.iter().map(|g| g.group).collect();
+        let depends_on = depends_on
+            .into_iter()
+            .chain(self.pending.iter().map(|g| g.group))
+            .collect();
         if pipelined {
             // Online records too: the same identifier later is an update of what they write.
             let identifiers = decided
@@ -531,6 +630,9 @@ pub struct ReadRequest {
     pending: Vec<Arc<PendingGroup>>,
     generation: u64,
     on_writer: bool,
+    /// A resident load's (`Matcher::resident`): the newest record id before it began, and
+    /// nothing to read.
+    resident: Option<i64>,
 }
 
 /// What was read for a group (`ReadRequest::run`), for `Matcher::finish`.
@@ -566,8 +668,26 @@ impl ReadRequest {
             pending,
             generation,
             on_writer,
+            resident,
         } = self;
         let (results, candidates) = split_refused(prepared);
+        if let Some(base) = resident {
+            // Every record stored is pending here: no snapshot, no read.
+            let data_version = match on_writer && conn.is_sqlite() {
+                true => Some(store::data_version(conn)?),
+                false => None,
+            };
+            let (fresh, online) = split_new(None, &pending, candidates, None)?;
+            let gathered = gather(conn, s, fresh, &pending, &HashSet::new(), Some(Vec::new()))?;
+            return Ok(Reading {
+                results,
+                online,
+                gathered,
+                newest_record: base,
+                generation,
+                data_version,
+            });
+        }
         db::snapshot(conn, |c| {
             let data_version = match on_writer && c.is_sqlite() {
                 true => Some(store::data_version(c)?),
@@ -602,7 +722,7 @@ impl ReadRequest {
                 Some(f) => (Some(f.existing), Some(f.hits)),
                 None => (None, None),
             };
-            let (fresh, online) = split_new(c, &pending, candidates, existing)?;
+            let (fresh, online) = split_new(Some(c), &pending, candidates, existing)?;
             let gathered = gather(c, s, fresh, &pending, &shadow, hits)?;
             Ok(Reading {
                 results,
@@ -622,6 +742,9 @@ pub struct Pipeline {
     state: Mutex<PipeState>,
     finished: Condvar,
     writes: Arc<AtomicU64>,
+    /// A group was matched again as written: what the matcher keeps in memory of the groups
+    /// written (`Matcher::resident`) no longer holds.
+    redecided: AtomicBool,
 }
 
 #[derive(Default)]
@@ -642,7 +765,12 @@ impl Pipeline {
             state: Mutex::new(PipeState::default()),
             finished: Condvar::new(),
             writes,
+            redecided: AtomicBool::new(false),
         }
+    }
+
+    fn redecided(&self) -> bool {
+        self.redecided.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, PipeState> {
@@ -707,6 +835,8 @@ impl Pipeline {
 #[derive(Default, Clone)]
 pub struct Written {
     groups: VecDeque<WrittenGroup>,
+    /// Keeps the groups a resident matcher may have decided on (`for_resident`).
+    resident: bool,
     matched_again: u64,
     /// The commit of the groups written last, while it may still be under way.
     commit: Option<Arc<Commit>>,
@@ -778,6 +908,15 @@ struct Touched {
 const WRITTEN_KEPT: usize = 32;
 
 impl Written {
+    /// For the writer of a resident matcher's groups (`Matcher::resident`): their records
+    /// may be decided on any group it kept in memory, so it remembers that many more.
+    pub fn for_resident() -> Written {
+        Written {
+            resident: true,
+            ..Written::default()
+        }
+    }
+
     /// Groups whose decisions had gone stale by the time they were written, so were matched
     /// again in the write transaction.
     pub fn matched_again(&self) -> u64 {
@@ -797,7 +936,11 @@ impl Written {
 
     fn push(&mut self, g: WrittenGroup) {
         self.groups.push_back(g);
-        while self.groups.len() > WRITTEN_KEPT {
+        let kept = match self.resident {
+            true => RESIDENT_GROUPS + WRITTEN_KEPT,
+            false => WRITTEN_KEPT,
+        };
+        while self.groups.len() > kept {
             self.groups.pop_front();
         }
     }
@@ -884,6 +1027,7 @@ fn match_now(
         pending: Vec::new(),
         generation: 0,
         on_writer: false,
+        resident: None,
     };
     let reading = read.run(conn, s, None)?;
     Ok(Matcher::default().finish(s, org, reading, false))
@@ -930,6 +1074,9 @@ where
         },
     };
     let Some((sids, eids)) = ids else {
+        if let Some(p) = pipe {
+            p.redecided.store(true, Ordering::SeqCst);
+        }
         written.committed()?;
         return redecide(conn, s, written, m, audit);
     };
@@ -1090,9 +1237,10 @@ where
 
 /// New records (the batch path) and the rest (the online path): records already stored or
 /// pending, and a second record under one identifier. `existing`: the stored values among the
-/// records' identifiers, when already read (all of them in one system).
+/// records' identifiers, when already read (all of them in one system). Without `conn`, none
+/// is stored but the pending ones (a resident load's).
 fn split_new(
-    conn: &mut DbConn,
+    mut conn: Option<&mut DbConn>,
     pending: &[Arc<PendingGroup>],
     prepared: Vec<Accepted>,
     mut existing: Option<HashSet<String>>,
@@ -1103,9 +1251,10 @@ fn split_new(
     }
     let mut stored: HashSet<(String, String)> = HashSet::new();
     for (system, values) in by_system {
-        let found = match existing.take() {
-            Some(e) => e,
-            None => store::existing_values(conn, system, &values)?,
+        let found = match (existing.take(), conn.as_deref_mut()) {
+            (Some(e), _) => e,
+            (None, Some(c)) => store::existing_values(c, system, &values)?,
+            (None, None) => HashSet::new(),
         };
         for v in found {
             stored.insert((system.to_string(), v));
@@ -1262,7 +1411,7 @@ fn decide(
     s: &MpiSettings,
     org: &Organization,
     gathered: Gathered,
-    pending: &VecDeque<Arc<PendingGroup>>,
+    pending: &[Arc<PendingGroup>],
     first_record: i64,
     first_identity: i64,
 ) -> (Vec<Decided>, Vec<Accepted>, Vec<Candidate>) {
