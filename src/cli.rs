@@ -54,6 +54,10 @@ pub enum Command {
         /// whole batches, up to 200,000 records.
         #[arg(long, default_value_t = 50_000)]
         batch: usize,
+        /// Records written in one transaction at most, in whole batches: fewer commits write
+        /// less (each copies the index pages it dirtied into the write-ahead log).
+        #[arg(long, default_value_t = 200_000)]
+        transaction_records: usize,
     },
     /// The master patient index: review queue, links, merges.
     #[command(subcommand)]
@@ -345,7 +349,12 @@ fn run(command: Command, config: Config) -> Result<ExitCode> {
         Command::Org(c) => org_command(c, &config)?,
         Command::Audit(AuditCommand::Verify) => return audit_verify(&config),
         Command::Audit(AuditCommand::BreakGlass { limit }) => audit_break_glass(&config, limit)?,
-        Command::Import { org, file, batch } => import(&config, &org, &file, batch.max(1))?,
+        Command::Import {
+            org,
+            file,
+            batch,
+            transaction_records,
+        } => import(&config, &org, &file, batch.max(1), transaction_records)?,
         Command::Mpi(c) => mpi_command(c, &config)?,
     }
     Ok(ExitCode::SUCCESS)
@@ -631,11 +640,15 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
-/// Records `hie import` writes in one transaction, in whole batches, before it commits (see
-/// `import`).
-const TX_RECORDS: usize = 200_000;
-
-fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> Result<()> {
+/// `tx_records`: records `hie import` writes in one transaction, in whole batches, before it
+/// commits.
+fn import(
+    config: &Config,
+    org: &str,
+    file: &std::path::Path,
+    batch: usize,
+    tx_records: usize,
+) -> Result<()> {
     use crate::mpi::bulk::{write_group, Matched, Matcher, Pipeline, Submission, Written};
     use std::io::BufRead;
     keep_freed_memory();
@@ -666,7 +679,10 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
     let deferred = db::mpi::defer_search_indexes(&mut conn)?;
     // Into an empty index, the load's records are the only candidates: matched from memory.
     let resident = match db::mpi::holds_no_records(&mut conn)? {
-        true => Some(db::mpi::newest_id(&mut conn, db::mpi::IdTable::SourceRecords)?),
+        true => Some(db::mpi::newest_id(
+            &mut conn,
+            db::mpi::IdTable::SourceRecords,
+        )?),
         false => None,
     };
     let pipe = Pipeline::new(db.writes());
@@ -689,7 +705,7 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
             let mut upkeep = db::mpi::LoadUpkeep::new(&mut conn)?;
             // Moved in (a `recv` only borrows it): the closure owns the channel's end.
             let batches = batches;
-            // A transaction takes the next batches as they come, up to `TX_RECORDS`: each
+            // A transaction takes the next batches as they come, up to `tx_records`: each
             // commit copies every index page the batch dirtied into the write-ahead log —
             // nearly every leaf of the random indexes — so fewer commits write less. It ends
             // sooner at the last batch, or after a batch whose records the matcher waits to
@@ -715,7 +731,7 @@ fn import(config: &Config, org: &str, file: &std::path::Path, batch: usize) -> R
                             })?;
                         records += numbers.len();
                         done.push((numbers, results));
-                        if holds_up || records >= TX_RECORDS {
+                        if holds_up || records >= tx_records {
                             break;
                         }
                         next = batches.recv().ok();

@@ -1200,7 +1200,7 @@ fn grouping(ex: &Exchange) -> Grouping {
 /// apart, an identifier sent twice (an update), a merge, refused lines. (Batches of 50 have
 /// their stored candidates scored ahead on two threads, `PARALLEL_SCORING`.)
 async fn bulk_import_decides_as_the_online_feed_does(backend: Backend) {
-    import_against_online_feed(backend, true).await
+    import_against_online_feed(backend, true, 40).await
 }
 on_both_backends!(bulk_import_decides_as_the_online_feed_does);
 
@@ -1209,14 +1209,22 @@ on_both_backends!(bulk_import_decides_as_the_online_feed_does);
 /// without reading them back, until its updates (online records) send it to the database; it
 /// must decide exactly as the online feed does. The lab's records come after it.
 async fn initial_import_decides_as_the_online_feed_does(backend: Backend) {
-    import_against_online_feed(backend, false).await
+    import_against_online_feed(backend, false, 40).await
 }
 on_both_backends!(initial_import_decides_as_the_online_feed_does);
 
+/// The same in batches of one record, each its own transaction: past `RESIDENT_GROUPS`
+/// batches the load reads its records back from the database, before its updates.
+async fn initial_import_past_what_it_keeps_in_memory(backend: Backend) {
+    assert!(hie_broker::mpi::bulk::RESIDENT_GROUPS < 100);
+    import_against_online_feed(backend, false, 1).await
+}
+on_both_backends!(initial_import_past_what_it_keeps_in_memory);
+
 /// With `lab_first`, the lab's records are stored before the hospital's file is loaded;
 /// otherwise after it, and the file's updates come late, after records matching people of its
-/// first batches.
-async fn import_against_online_feed(backend: Backend, lab_first: bool) {
+/// first batches. `batch`: records per batch of the import.
+async fn import_against_online_feed(backend: Backend, lab_first: bool, batch: usize) {
     use hie_broker::synth::{to_patient, Generator};
     let second = match &backend {
         Backend::Sqlite => Backend::Sqlite,
@@ -1353,14 +1361,16 @@ async fn import_against_online_feed(backend: Backend, lab_first: bool) {
         r#"{"resourceType": "Patient", "name": [{"family": "#.into(),
     );
     std::fs::write(&file, text.join("\n") + "\n").expect("write");
-    let out = bulk.ex.hie(&[
-        "import",
-        "--org",
-        "general-hospital",
-        "--batch",
-        "40",
-        &file.to_string_lossy(),
-    ]);
+    // Loaded first, each batch is a transaction of its own: the matcher merges the batches
+    // written into what it keeps in memory as each commits.
+    let batch = batch.to_string();
+    let mut import = vec!["import", "--org", "general-hospital", "--batch", &batch];
+    if !lab_first {
+        import.extend(["--transaction-records", &batch]);
+    }
+    let file = file.to_string_lossy();
+    import.push(&file);
+    let out = bulk.ex.hie(&import);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

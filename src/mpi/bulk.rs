@@ -381,7 +381,7 @@ impl Matcher {
     /// ones, or forgotten (the database holds them).
     fn settle_written(&mut self, done: u64, redecided: bool) {
         if redecided {
-            self.resident = None;
+            self.leave_memory("a batch was matched again as it was written");
         }
         while self.pending.front().is_some_and(|g| g.group < done) {
             let Some(g) = self.pending.pop_front() else {
@@ -395,13 +395,16 @@ impl Matcher {
                     (true, Some(m), Ok(g)) => {
                         let at = m.records.len();
                         for (key, ix) in g.keys {
-                            m.keys.entry(key).or_default().extend(ix.iter().map(|i| at + i));
+                            m.keys
+                                .entry(key)
+                                .or_default()
+                                .extend(ix.iter().map(|i| at + i));
                         }
                         m.records.extend(g.records);
                         m.identifiers.extend(g.identifiers);
                         r.groups.push(g.group);
                     }
-                    _ => self.resident = None,
+                    _ => self.leave_memory("it keeps no more records in memory"),
                 }
             }
         }
@@ -415,6 +418,16 @@ impl Matcher {
             .into_iter()
             .chain(self.pending.iter().cloned())
             .collect()
+    }
+
+    /// A resident load goes on from the database (`why`).
+    fn leave_memory(&mut self, why: &str) {
+        if let Some(r) = self.resident.take() {
+            tracing::debug!(
+                records = r.merged.records.len(),
+                "the load now reads its candidates from the database: {why}"
+            );
+        }
     }
 
     /// Matches one member's records: `begin`, `ReadRequest::run` on `conn`, `finish`.
@@ -453,7 +466,7 @@ impl Matcher {
             generation = writes;
             self.settle_written(done, pipe.redecided());
         } else {
-            self.resident = None;
+            self.leave_memory("matched without a pipeline");
         }
         Ok(ReadRequest {
             prepared,
@@ -504,7 +517,7 @@ impl Matcher {
             None => Vec::new(),
         };
         if wait || !deferred.is_empty() {
-            self.resident = None;
+            self.leave_memory("records of the online path change stored ones");
         }
         if online_unseen {
             mine.extend(deferred.iter().enumerate().map(|(i, (_, p))| {
