@@ -151,6 +151,14 @@ fn main() {
             "bulk import (hie import): {:.0} records/s overall ({n} records in {import_secs:.0} s)",
             n as f64 / import_secs
         );
+        // The largest child waited for so far is an import (the others are short commands).
+        // SAFETY: getrusage fills the struct it is given.
+        let peak_kib = unsafe {
+            let mut u: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_CHILDREN, &mut u);
+            u.ru_maxrss
+        };
+        println!("hie import peak RSS: {} MiB", peak_kib / 1024);
     }
     if args.iter().any(|a| a == "--import-only") {
         if args.iter().any(|a| a == "--keep") {

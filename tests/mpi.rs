@@ -1216,7 +1216,7 @@ on_both_backends!(initial_import_decides_as_the_online_feed_does);
 /// The same in batches of one record, each its own transaction: past `RESIDENT_GROUPS`
 /// batches the load reads its records back from the database, before its updates.
 async fn initial_import_past_what_it_keeps_in_memory(backend: Backend) {
-    assert!(hie_broker::mpi::bulk::RESIDENT_GROUPS < 100);
+    const { assert!(hie_broker::mpi::bulk::RESIDENT_GROUPS < 100) };
     import_against_online_feed(backend, false, 1).await
 }
 on_both_backends!(initial_import_past_what_it_keeps_in_memory);

@@ -342,9 +342,10 @@ struct Resident {
     base: i64,
 }
 
-/// Records an initial load keeps in memory at most (`Matcher::resident`), ~0.9 KB each with
-/// their keys (peak RSS in BENCHMARKS.md, session 33); past them it reads the database again.
-pub const RESIDENT_RECORDS: usize = 2_000_000;
+/// Records an initial load keeps in memory at most (`Matcher::resident`): ~1.4 KB each with
+/// their keys and identifiers (the 1M benchmark's first member, 833k records, peaked at
+/// 3.2 GB against 2.0 GB; BENCHMARKS.md, session 33). Past them it reads the database again.
+pub const RESIDENT_RECORDS: usize = 1_000_000;
 
 /// Groups kept in memory at most (each costs the writer's id lookups a step).
 pub const RESIDENT_GROUPS: usize = 64;
