@@ -11,7 +11,9 @@
 # e.g. `bash benches/pg-reuse.sh /tmp/.tmpXYZ hie_loaded 3 /tmp/hie.old /tmp/hie.new --
 # --http-records 20000 --queries 100`. With no binary, target/release/hie. A binary is copied
 # over target/release/hie for its runs (the bench runs that path); rebuild afterwards.
-# PGHOST/PGPORT/PGUSER as for psql (default 127.0.0.1:5432, postgres).
+# PGHOST/PGPORT/PGUSER as for psql (default 127.0.0.1:5432, postgres). PG_URL_QUERY is appended
+# to the broker's database URL, e.g. `PG_URL_QUERY='?host=/var/run/postgresql'` for the Unix
+# socket (no TLS on loopback: BENCHMARKS.md, session 33).
 set -euo pipefail
 kept=$(cd "$1" && pwd); template=$2; runs=$3; shift 3
 root=$(cd "$(dirname "$0")/.." && pwd)
