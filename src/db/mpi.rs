@@ -1295,20 +1295,12 @@ const SCHEMA_LOCK: &str = "SELECT pg_advisory_xact_lock(727274)";
 /// PDQm searches read the whole table; nothing else reads them. Returns whether it dropped
 /// them. SQLite: nothing (there they cost the load little).
 pub fn defer_search_indexes(conn: &mut DbConn) -> Result<bool> {
-    #[derive(QueryableByName)]
-    struct Empty {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        empty: bool,
-    }
     let DbConn::Postgresql(pg) = conn else {
         return Ok(false);
     };
     pg.transaction(|pg| {
         pg.batch_execute(SCHEMA_LOCK)?;
-        let stored: Empty =
-            diesel::sql_query("SELECT NOT EXISTS (SELECT 1 FROM source_records) AS empty")
-                .get_result(pg)?;
-        if !stored.empty {
+        if !prepared::sql(NO_RECORDS).get_result::<Empty>(pg)?.empty {
             return Ok(false);
         }
         let names: Vec<&str> = SEARCH_INDEXES.iter().map(|(name, _)| *name).collect();
@@ -1375,15 +1367,18 @@ struct NextId {
     n: i64,
 }
 
+/// Whether no source record is stored (`NO_RECORDS`).
+#[derive(QueryableByName)]
+struct Empty {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    empty: bool,
+}
+
+const NO_RECORDS: &str = "SELECT NOT EXISTS (SELECT 1 FROM source_records) AS empty";
+
 /// Whether the index holds no source record (before an initial load).
 pub fn holds_no_records(conn: &mut DbConn) -> Result<bool> {
-    #[derive(QueryableByName)]
-    struct Empty {
-        #[diesel(sql_type = diesel::sql_types::Bool)]
-        empty: bool,
-    }
-    let q = "SELECT NOT EXISTS (SELECT 1 FROM source_records) AS empty";
-    Ok(prepared::sql(q).get_result::<Empty>(conn)?.empty)
+    Ok(prepared::sql(NO_RECORDS).get_result::<Empty>(conn)?.empty)
 }
 
 /// The id the last row of `table` was given, as `allocate_ids` sees it: the next allocation
