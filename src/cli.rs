@@ -674,9 +674,10 @@ fn import(
     );
     let actor = Actor::cli();
     let started = std::time::Instant::now();
-    // Into an empty index on PostgreSQL, PDQm's indexes are built once at the end rather than
-    // entry by entry (`restore_search_indexes`, also after a failed load).
-    let deferred = db::mpi::defer_search_indexes(&mut conn)?;
+    // Into an empty index on PostgreSQL, what only readers need is built once at the end
+    // rather than entry by entry (`restore_load_indexes`; at the next start after a failed
+    // load), or as soon as the load reads the database.
+    let deferred = db::mpi::defer_load_indexes(&mut conn)?;
     // Into an empty index, the load's records are the only candidates: matched from memory.
     let resident = match db::mpi::holds_no_records(&mut conn)? {
         true => Some(db::mpi::newest_id(
@@ -686,6 +687,9 @@ fn import(
         false => None,
     };
     let pipe = Pipeline::new(db.writes());
+    if deferred {
+        pipe.defer_indexes();
+    }
     // The matcher reads on its own connection, alongside the writes. (On SQLite, reading on
     // the writer's connection — whose page cache stays warm — was measured too: at 1M the
     // writer is the busier thread, and loading it with the reads was slower, 5,703 against
@@ -745,7 +749,7 @@ fn import(
                     .flat_map(|(_, rs)| rs)
                     .filter(|r| r.is_ok())
                     .count();
-                upkeep.written(&mut conn, fed as u64)?;
+                upkeep.written(&mut conn, fed as u64, pipe.indexes_deferred())?;
                 for (n, r) in done.iter().flat_map(|(ns, rs)| ns.iter().zip(rs)) {
                     match r {
                         Ok(r) => {
@@ -843,14 +847,14 @@ fn import(
     });
     if deferred {
         let building = std::time::Instant::now();
-        let built = db::mpi::restore_search_indexes(&mut conn);
+        let built = db::mpi::restore_load_indexes(&mut conn);
         if let (Err(_), Err(e)) = (&loaded, &built) {
             // The load's error is the one returned; the next start builds them.
-            eprintln!("the PDQm indexes were not built after the failed load: {e}");
+            eprintln!("the indexes the load deferred were not built after it failed: {e}");
         }
         loaded?;
         println!(
-            "built {} PDQm index(es) after the load in {:.1} s",
+            "built {} index(es) and constraint(s) deferred by the load in {:.1} s",
             built?,
             building.elapsed().as_secs_f64()
         );

@@ -420,13 +420,14 @@ struct PgPlanLine {
     line: String,
 }
 
-/// On PostgreSQL an initial `hie import` builds PDQm's indexes at its end instead of entry by
-/// entry: `defer_search_indexes` drops them only while no record is stored, and the next
-/// start (`Db::open`, as after a load that stopped midway) or `restore_search_indexes` builds
-/// them again as the migrations made them. On SQLite nothing is dropped.
-async fn pdqm_indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
+/// On PostgreSQL an initial `hie import` builds PDQm's indexes, the blocking keys' primary key
+/// and `source_records`' foreign keys at its end instead of entry by entry:
+/// `defer_load_indexes` drops them only while no record is stored, and the next start
+/// (`Db::open`, as after a load that stopped midway) or `restore_load_indexes` builds them
+/// again as the migrations made them. On SQLite nothing is dropped.
+async fn indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
     use diesel::prelude::*;
-    use hie_broker::db::mpi::{defer_search_indexes, restore_search_indexes};
+    use hie_broker::db::mpi::{defer_load_indexes, restore_load_indexes};
     use hie_broker::db::DbConn;
     #[derive(QueryableByName, PartialEq, Debug)]
     struct Def {
@@ -441,8 +442,12 @@ async fn pdqm_indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
             )
             .load(s),
             DbConn::Postgresql(pg) => diesel::sql_query(
-                "SELECT indexdef AS def FROM pg_indexes WHERE schemaname = current_schema() \
-                 AND tablename = 'source_records' ORDER BY indexname",
+                "SELECT def FROM (SELECT indexdef AS def FROM pg_indexes \
+                 WHERE schemaname = current_schema() \
+                 AND tablename IN ('source_records', 'blocking_keys') \
+                 UNION ALL SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
+                 WHERE conrelid IN ('source_records'::regclass, 'blocking_keys'::regclass)) d \
+                 ORDER BY def",
             )
             .load(pg),
         }
@@ -456,12 +461,18 @@ async fn pdqm_indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
     assert!(migrated
         .iter()
         .any(|d| d.contains("source_records_family ")));
-    let deferred = defer_search_indexes(&mut c).expect("defer");
+    let deferred = defer_load_indexes(&mut c).expect("defer");
     assert_eq!(deferred, matches!(backend, Backend::Postgres(_)));
     let during = definitions(&mut c);
     if deferred {
-        assert_eq!(during.len(), migrated.len() - 5, "{during:?}");
+        // Five indexes, the primary key (constraint and index), two foreign keys.
+        assert_eq!(during.len(), migrated.len() - 9, "{during:?}");
         assert!(!during.iter().any(|d| d.contains("(family)")));
+        assert!(!during.iter().any(|d| d.contains("blocking_keys_pkey")));
+        assert!(!during.iter().any(|d| d.contains("FOREIGN KEY")));
+        assert!(migrated
+            .iter()
+            .any(|d| d.contains("FOREIGN KEY (enterprise_id)")));
     } else {
         assert_eq!(during, migrated);
     }
@@ -470,7 +481,7 @@ async fn pdqm_indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
     let db = open(&backend, dir.path());
     let mut c = db.get().expect("conn");
     assert_eq!(definitions(&mut c), migrated, "as the migrations made them");
-    assert_eq!(restore_search_indexes(&mut c).expect("restore"), 0);
+    assert_eq!(restore_load_indexes(&mut c).expect("restore"), 0);
     // Once anything is stored, a load maintains them as it goes.
     let a = member(&mut c, "member-a");
     let settings = hie_broker::mpi::MpiSettings::from_config(
@@ -497,7 +508,7 @@ async fn pdqm_indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
         &Actor::cli(),
     )
     .expect("feed");
-    assert!(!defer_search_indexes(&mut c).expect("defer"));
+    assert!(!defer_load_indexes(&mut c).expect("defer"));
     assert_eq!(definitions(&mut c), migrated);
 }
-on_both_backends!(pdqm_indexes_deferred_for_an_initial_load_come_back);
+on_both_backends!(indexes_deferred_for_an_initial_load_come_back);

@@ -603,7 +603,8 @@ const SQLITE_PAGE_SIZE: u32 = 2048;
 /// Runs pending migrations. On PostgreSQL an advisory lock keeps several brokers starting at
 /// once from migrating concurrently; SQLite is switched to WAL here, once.
 /// The steps SQL cannot do (`mpi::rekey_blocking_keys`) run after them, under the same lock, and
-/// any PDQm index an initial import deferred and did not build (`mpi::restore_search_indexes`).
+/// any index or constraint an initial import deferred and did not build
+/// (`mpi::restore_load_indexes`).
 pub fn migrate(conn: &mut DbConn) -> Result<usize> {
     let failed =
         |e: &dyn std::fmt::Display| Error::config(format!("database migration failed: {e}"));
@@ -628,14 +629,17 @@ pub fn migrate(conn: &mut DbConn) -> Result<usize> {
             .map_err(|e| failed(&e)),
     };
     let rekeyed = applied.and_then(|n| {
+        // Those an initial `hie import` deferred and did not get to build (it stopped midway).
+        let built = mpi::restore_load_indexes(conn).map_err(|e| failed(&e))?;
+        if built > 0 {
+            tracing::info!(
+                built,
+                "indexes and constraints an import had deferred built"
+            );
+        }
         let moved = mpi::rekey_blocking_keys(conn, mpi::REKEY_PAGE).map_err(|e| failed(&e))?;
         if moved > 0 {
             tracing::info!(keys = moved, "blocking keys filed by key id");
-        }
-        // Those an initial `hie import` deferred and did not get to build (it stopped midway).
-        let built = mpi::restore_search_indexes(conn).map_err(|e| failed(&e))?;
-        if built > 0 {
-            tracing::info!(indexes = built, "PDQm indexes an import had deferred built");
         }
         Ok(n)
     });

@@ -1244,8 +1244,9 @@ impl LoadUpkeep {
         }
     }
 
-    /// After a transaction of `records` committed.
-    pub fn written(&mut self, conn: &mut DbConn, records: u64) -> Result<()> {
+    /// After a transaction of `records` committed; `deferred`: while the load's indexes are
+    /// (`defer_load_indexes`).
+    pub fn written(&mut self, conn: &mut DbConn, records: u64, deferred: bool) -> Result<()> {
         let pg = match conn {
             DbConn::Postgresql(pg) => pg,
             DbConn::Sqlite(c) => {
@@ -1260,12 +1261,13 @@ impl LoadUpkeep {
                 return Ok(());
             }
         };
-        pg.batch_execute("VACUUM (SKIP_LOCKED) blocking_keys")?;
         self.since += records;
+        if deferred {
+            return Ok(());
+        }
+        pg.batch_execute(VACUUM_KEYS)?;
         if self.since as f64 >= self.analysed_at.max(1.0) {
-            pg.batch_execute(
-                "ANALYZE blocking_keys, source_records, source_identifiers, identities",
-            )?;
+            pg.batch_execute(ANALYZE_LOAD)?;
             self.analysed_at += self.since as f64;
             self.since = 0;
         }
@@ -1273,28 +1275,87 @@ impl LoadUpkeep {
     }
 }
 
-/// The indexes only PDQm reads — a person searched by name, phonetic family name, birth date,
-/// postcode — as the migrations create them: (index, column of `source_records`). Nothing in
-/// matching reads them, and every record written adds an entry at a random place in each: on
-/// PostgreSQL a fifth of a bulk load's writing backend (48–50 s of CPU for 833k records with
-/// them, 37–39 s without, their build afterwards included: 2.1 s for all five).
-const SEARCH_INDEXES: [(&str, &str); 5] = [
-    ("source_records_family", "family"),
-    ("source_records_given", "given"),
-    ("source_records_family_phonetic", "family_phonetic"),
-    ("source_records_birth_date", "birth_date"),
-    ("source_records_postcode", "postcode"),
+/// What an initial load on PostgreSQL builds once at its end rather than entry by entry
+/// (`defer_load_indexes`), as the migrations create it: (name, table, kind, definition).
+/// - The indexes only PDQm reads — a person searched by name, phonetic family name, birth
+///   date, postcode. Every record written adds an entry at a random place in each: a fifth
+///   of a bulk load's writing backend (48–50 s of CPU for 833k records with them, 37–39 s
+///   without, their build afterwards included: 2.1 s for all five).
+/// - The blocking keys' primary key, the index matching reads candidates by: ten entries a
+///   record at random places, the load's largest index (410 MB at 833k records). An initial
+///   load matches from memory (`mpi::bulk::Matcher::resident`) and reads none of it.
+/// - `source_records`' foreign keys, checked row by row by a trigger that looks up and locks
+///   the identity and the organisation (a seventh of the writing backend's time, perf).
+///   Added back, each is checked in one join.
+const LOAD_DEFERRED: [(&str, &str, Deferred, &str); 8] = [
+    (
+        "source_records_family",
+        "source_records",
+        Deferred::Index,
+        "(family)",
+    ),
+    (
+        "source_records_given",
+        "source_records",
+        Deferred::Index,
+        "(given)",
+    ),
+    (
+        "source_records_family_phonetic",
+        "source_records",
+        Deferred::Index,
+        "(family_phonetic)",
+    ),
+    (
+        "source_records_birth_date",
+        "source_records",
+        Deferred::Index,
+        "(birth_date)",
+    ),
+    (
+        "source_records_postcode",
+        "source_records",
+        Deferred::Index,
+        "(postcode)",
+    ),
+    (
+        "blocking_keys_pkey",
+        "blocking_keys",
+        Deferred::Constraint,
+        "PRIMARY KEY (key, source_id)",
+    ),
+    (
+        "source_records_enterprise_id_fkey",
+        "source_records",
+        Deferred::Constraint,
+        "FOREIGN KEY (enterprise_id) REFERENCES identities(id)",
+    ),
+    (
+        "source_records_org_id_fkey",
+        "source_records",
+        Deferred::Constraint,
+        "FOREIGN KEY (org_id) REFERENCES organizations(id)",
+    ),
 ];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Deferred {
+    Index,
+    Constraint,
+}
 
 /// The migrations' advisory lock (`db::migrate`): index changes wait for one another.
 const SCHEMA_LOCK: &str = "SELECT pg_advisory_xact_lock(727274)";
 
 /// PostgreSQL, before `hie import` loads: when no record is stored yet (an initial load), drops
-/// the PDQm indexes (`SEARCH_INDEXES`), which `restore_search_indexes` builds at the load's
-/// end — the PostgreSQL manual's way of populating a database. Meanwhile a running broker's
-/// PDQm searches read the whole table; nothing else reads them. Returns whether it dropped
+/// what only readers need (`LOAD_DEFERRED`: PDQm's indexes, the blocking keys' index,
+/// `source_records`' foreign keys), which `restore_load_indexes` builds at the load's end — the
+/// PostgreSQL manual's way of populating a database — or as soon as the load reads the
+/// database. Meanwhile a running broker's searches and matches read whole tables (slow, not
+/// wrong) and its writes are not checked against the foreign keys (the broker writes none
+/// that would fail them; adding them back checks every row). Returns whether it dropped
 /// them. SQLite: nothing (there they cost the load little).
-pub fn defer_search_indexes(conn: &mut DbConn) -> Result<bool> {
+pub fn defer_load_indexes(conn: &mut DbConn) -> Result<bool> {
     let DbConn::Postgresql(pg) = conn else {
         return Ok(false);
     };
@@ -1303,47 +1364,71 @@ pub fn defer_search_indexes(conn: &mut DbConn) -> Result<bool> {
         if !prepared::sql(NO_RECORDS).get_result::<Empty>(pg)?.empty {
             return Ok(false);
         }
-        let names: Vec<&str> = SEARCH_INDEXES.iter().map(|(name, _)| *name).collect();
-        pg.batch_execute(&format!("DROP INDEX IF EXISTS {}", names.join(", ")))?;
+        for (name, table, kind, _) in LOAD_DEFERRED {
+            pg.batch_execute(&match kind {
+                Deferred::Index => format!("DROP INDEX IF EXISTS {name}"),
+                Deferred::Constraint => {
+                    format!("ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}")
+                }
+            })?;
+        }
         Ok(true)
     })
 }
 
-/// PostgreSQL: builds whichever PDQm index is missing — after a load that deferred them, and
-/// at every start (`db::migrate`), so that a load stopped midway leaves none missing past the
-/// next command. Returns how many it built.
-pub fn restore_search_indexes(conn: &mut DbConn) -> Result<usize> {
+/// PostgreSQL: builds whatever of `LOAD_DEFERRED` is missing — after a load that deferred it,
+/// when such a load goes on to read the database, and at every start (`db::migrate`), so that
+/// a load stopped midway leaves nothing missing past the next command — then refreshes the
+/// tables' statistics (a load that deferred them skipped it: `LoadUpkeep`). Returns how many
+/// it built.
+pub fn restore_load_indexes(conn: &mut DbConn) -> Result<usize> {
     #[derive(QueryableByName)]
     struct Name {
         #[diesel(sql_type = Text)]
-        indexname: String,
+        name: String,
     }
     let DbConn::Postgresql(pg) = conn else {
         return Ok(0);
     };
-    pg.transaction(|pg| {
+    let built = pg.transaction(|pg| {
         pg.batch_execute(SCHEMA_LOCK)?;
         let present: Vec<Name> = diesel::sql_query(
-            "SELECT indexname FROM pg_indexes \
-             WHERE schemaname = current_schema() AND tablename = 'source_records'",
+            "SELECT indexname AS name FROM pg_indexes WHERE schemaname = current_schema() \
+             UNION ALL SELECT conname FROM pg_constraint \
+             WHERE connamespace = current_schema()::regnamespace",
         )
         .load(pg)?;
-        let missing: Vec<&(&str, &str)> = SEARCH_INDEXES
+        let missing: Vec<_> = LOAD_DEFERRED
             .iter()
-            .filter(|(name, _)| !present.iter().any(|p| p.indexname == *name))
+            .filter(|(name, ..)| !present.iter().any(|p| p.name == *name))
             .collect();
         if !missing.is_empty() {
             // Sorted in memory rather than in files at 1M records (the default is 64 MB).
             pg.batch_execute("SET LOCAL maintenance_work_mem = '256MB'")?;
         }
-        for (name, column) in &missing {
-            pg.batch_execute(&format!(
-                "CREATE INDEX IF NOT EXISTS {name} ON source_records ({column})"
-            ))?;
+        for (name, table, kind, definition) in &missing {
+            pg.batch_execute(&match kind {
+                Deferred::Index => format!("CREATE INDEX {name} ON {table} {definition}"),
+                Deferred::Constraint => {
+                    format!("ALTER TABLE {table} ADD CONSTRAINT {name} {definition}")
+                }
+            })?;
         }
-        Ok(missing.len())
-    })
+        Ok::<_, crate::error::Error>(missing.len())
+    })?;
+    if built > 0 {
+        // Each a statement of its own: VACUUM runs outside any transaction.
+        pg.batch_execute(VACUUM_KEYS)?;
+        pg.batch_execute(ANALYZE_LOAD)?;
+    }
+    Ok(built)
 }
+
+/// What a load on PostgreSQL keeps up as it grows (`LoadUpkeep`): the blocking keys'
+/// visibility map (their reads are index-only scans) and the statistics the planner reads
+/// candidates by.
+const VACUUM_KEYS: &str = "VACUUM (SKIP_LOCKED) blocking_keys";
+const ANALYZE_LOAD: &str = "ANALYZE blocking_keys, source_records, source_identifiers, identities";
 
 /// Tables whose ids a bulk load assigns itself.
 #[derive(Debug, Clone, Copy)]
@@ -1987,16 +2072,16 @@ mod tests {
         );
         // Below the bound the log grows as SQLite lets it.
         batch(&mut conn);
-        upkeep.written(&mut conn, 200).expect("upkeep");
+        upkeep.written(&mut conn, 200, false).expect("upkeep");
         let first = wal();
         batch(&mut conn);
         let grown = wal();
         assert!(grown > first, "{grown} > {first}");
         // Past it, each batch's frames go to the start of the log again.
         upkeep.wal_limit = 0;
-        upkeep.written(&mut conn, 200).expect("upkeep");
+        upkeep.written(&mut conn, 200, false).expect("upkeep");
         batch(&mut conn);
-        upkeep.written(&mut conn, 200).expect("upkeep");
+        upkeep.written(&mut conn, 200, false).expect("upkeep");
         batch(&mut conn);
         assert_eq!(wal(), grown);
         // At the load's end the log is emptied, its rows in the file.

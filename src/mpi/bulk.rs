@@ -314,6 +314,11 @@ pub struct Matcher {
     flush_after: Option<u64>,
     /// An initial load's records already written, still matched from memory (`resident`).
     resident: Option<Resident>,
+    /// The group being matched is written in a transaction of its own (`Matched::holds_up`):
+    /// matched from memory while the load's indexes are deferred, so that when the matcher
+    /// must read the database it can wait for every group before to be committed and then
+    /// build them (`ReadRequest::restore`) — the writer holds no transaction open meanwhile.
+    commit_alone: bool,
 }
 
 impl Default for Matcher {
@@ -325,6 +330,7 @@ impl Default for Matcher {
             next_group: 0,
             flush_after: None,
             resident: None,
+            commit_alone: false,
         }
     }
 }
@@ -459,6 +465,7 @@ impl Matcher {
     ) -> Result<ReadRequest> {
         let prepared = prepare_all(s, org, subs);
         let mut generation = 0;
+        let mut restore = None;
         if let Some(pipe) = pipe {
             if let Some(g) = self.flush_after.take() {
                 pipe.wait_finished(g)?;
@@ -466,6 +473,11 @@ impl Matcher {
             let (done, writes) = pipe.begin();
             generation = writes;
             self.settle_written(done, pipe.redecided());
+            let deferred = pipe.indexes_deferred();
+            self.commit_alone = deferred && self.resident.is_some();
+            if deferred && self.resident.is_none() {
+                restore = Some(self.next_group);
+            }
         } else {
             self.leave_memory("matched without a pipeline");
         }
@@ -475,6 +487,7 @@ impl Matcher {
             generation,
             on_writer: false,
             resident: self.resident.as_ref().map(|r| r.base),
+            restore,
         })
     }
 
@@ -586,7 +599,7 @@ impl Matcher {
             newest_record,
             data_version,
             rows: false,
-            holds_up: pipelined && wait,
+            holds_up: pipelined && (wait || self.commit_alone),
         }
     }
 
@@ -647,6 +660,9 @@ pub struct ReadRequest {
     /// A resident load's (`Matcher::resident`): the newest record id before it began, and
     /// nothing to read.
     resident: Option<i64>,
+    /// The load's deferred indexes are built before the read (`Pipeline::defer_indexes`),
+    /// once the groups before this one are committed.
+    restore: Option<u64>,
 }
 
 /// What was read for a group (`ReadRequest::run`), for `Matcher::finish`.
@@ -683,7 +699,21 @@ impl ReadRequest {
             generation,
             on_writer,
             resident,
+            restore,
         } = self;
+        if let (Some(group), Some(pipe)) = (restore, pipe) {
+            if let Some(before) = group.checked_sub(1) {
+                pipe.wait_finished(before)?;
+            }
+            let started = std::time::Instant::now();
+            let built = store::restore_load_indexes(conn)?;
+            pipe.deferred.store(false, Ordering::SeqCst);
+            tracing::info!(
+                built,
+                secs = started.elapsed().as_secs_f64(),
+                "the load reads the database: the indexes it deferred are built"
+            );
+        }
         let (results, candidates) = split_refused(prepared);
         if let Some(base) = resident {
             // Every record stored is pending here: no snapshot, no read.
@@ -756,6 +786,8 @@ pub struct Pipeline {
     state: Mutex<PipeState>,
     finished: Condvar,
     writes: Arc<AtomicU64>,
+    /// The load's indexes are deferred (`defer_indexes`).
+    deferred: AtomicBool,
     /// A group was matched again as written: what the matcher keeps in memory of the groups
     /// written (`Matcher::resident`) no longer holds.
     redecided: AtomicBool,
@@ -779,8 +811,21 @@ impl Pipeline {
             state: Mutex::new(PipeState::default()),
             finished: Condvar::new(),
             writes,
+            deferred: AtomicBool::new(false),
             redecided: AtomicBool::new(false),
         }
+    }
+
+    /// An initial load dropped what only readers need (`db::mpi::defer_load_indexes`): its
+    /// groups matched from memory are committed one by one, and the matcher builds them back
+    /// before it first reads the database (after the groups before are committed).
+    pub fn defer_indexes(&self) {
+        self.deferred.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the load's indexes are still deferred (`defer_indexes`).
+    pub fn indexes_deferred(&self) -> bool {
+        self.deferred.load(Ordering::SeqCst)
     }
 
     fn redecided(&self) -> bool {
@@ -1042,6 +1087,7 @@ fn match_now(
         generation: 0,
         on_writer: false,
         resident: None,
+        restore: None,
     };
     let reading = read.run(conn, s, None)?;
     Ok(Matcher::default().finish(s, org, reading, false))
