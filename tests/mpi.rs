@@ -1160,6 +1160,36 @@ fn deferred_structures_present(ex: &Exchange) -> Option<i64> {
     Some(counted.n)
 }
 
+/// Every match decision as stored, by its record's identifier: outcome, score (NULL as
+/// "-") and breakdown, in order (`COPY` on PostgreSQL for a load's batches, statements
+/// otherwise: `db::mpi::insert_bulk`).
+fn decisions(ex: &Exchange) -> Vec<(String, String)> {
+    use diesel::{Connection, RunQueryDsl};
+    let sql = "SELECT r.system || '|' || r.value AS kind, \
+               d.outcome || ' ' || COALESCE(CAST(ROUND(CAST(d.score AS NUMERIC), 6) AS TEXT), '-') \
+               || ' ' || d.breakdown AS detail \
+               FROM match_decisions d JOIN source_records r ON r.id = d.source_id \
+               ORDER BY kind, detail";
+    #[derive(diesel::QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        kind: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        detail: String,
+    }
+    let rows: Vec<Row> = match ex.db_url.strip_prefix("sqlite://") {
+        Some(path) => {
+            let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
+            diesel::sql_query(sql).load(&mut c).expect("decisions")
+        }
+        None => {
+            let mut c = diesel::PgConnection::establish(&ex.db_url).expect("open postgres");
+            diesel::sql_query(sql).load(&mut c).expect("decisions")
+        }
+    };
+    rows.into_iter().map(|r| (r.kind, r.detail)).collect()
+}
+
 fn grouping(ex: &Exchange) -> Grouping {
     use diesel::{Connection, RunQueryDsl};
     let records_sql =
@@ -1421,6 +1451,11 @@ async fn import_against_online_feed(backend: Backend, lab_first: bool, batch: us
     assert_eq!(a.0, b.0, "records are grouped into people differently");
     assert_eq!(a.2, b.2, "review queues differ");
     assert_eq!(a.3, b.3, "golden records differ");
+    assert_eq!(
+        decisions(&online.ex),
+        decisions(&bulk.ex),
+        "decisions as stored differ"
+    );
     // The hazards stayed apart, the duplicates were found.
     let together = |x: &str, y: &str| {
         a.0.iter()
