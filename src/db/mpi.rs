@@ -1403,8 +1403,9 @@ pub fn restore_load_indexes(conn: &mut DbConn) -> Result<usize> {
             .filter(|(name, ..)| !present.iter().any(|p| p.name == *name))
             .collect();
         if !missing.is_empty() {
-            // Sorted in memory rather than in files at 1M records (the default is 64 MB).
-            pg.batch_execute("SET LOCAL maintenance_work_mem = '256MB'")?;
+            // Sorted in memory rather than in files at 1M records (the default is 64 MB): the
+            // blocking keys' 8.3M entries at 833k took 2.6 s with 1 GB, 3.3 s with 256 MB.
+            pg.batch_execute("SET LOCAL maintenance_work_mem = '1GB'")?;
         }
         for (name, table, kind, definition) in &missing {
             pg.batch_execute(&match kind {
