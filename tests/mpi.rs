@@ -1094,20 +1094,30 @@ struct Filed {
     id: String,
 }
 
-/// The identifiers filed in `source_identifiers`, as `system|value`, sorted.
-fn filed_identifiers(ex: &Exchange) -> Vec<String> {
+/// The rows of `sql` in the exchange's database, either backend.
+fn load_rows<T>(ex: &Exchange, sql: &str) -> Vec<T>
+where
+    T: diesel::QueryableByName<diesel::sqlite::Sqlite>
+        + diesel::QueryableByName<diesel::pg::Pg>
+        + 'static,
+{
     use diesel::{Connection, RunQueryDsl};
-    let sql = "SELECT system || '|' || value AS id FROM source_identifiers ORDER BY 1";
-    let rows: Vec<Filed> = match ex.db_url.strip_prefix("sqlite://") {
+    match ex.db_url.strip_prefix("sqlite://") {
         Some(path) => {
             let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
-            diesel::sql_query(sql).load(&mut c).expect("identifiers")
+            diesel::sql_query(sql).load(&mut c).expect(sql)
         }
         None => {
             let mut c = diesel::PgConnection::establish(&ex.db_url).expect("open postgres");
-            diesel::sql_query(sql).load(&mut c).expect("identifiers")
+            diesel::sql_query(sql).load(&mut c).expect(sql)
         }
-    };
+    }
+}
+
+/// The identifiers filed in `source_identifiers`, as `system|value`, sorted.
+fn filed_identifiers(ex: &Exchange) -> Vec<String> {
+    let sql = "SELECT system || '|' || value AS id FROM source_identifiers ORDER BY 1";
+    let rows: Vec<Filed> = load_rows(ex, sql);
     rows.into_iter().map(|r| r.id).collect()
 }
 
@@ -1164,7 +1174,6 @@ fn deferred_structures_present(ex: &Exchange) -> Option<i64> {
 /// "-") and breakdown, in order (`COPY` on PostgreSQL for a load's batches, statements
 /// otherwise: `db::mpi::insert_bulk`).
 fn decisions(ex: &Exchange) -> Vec<(String, String)> {
-    use diesel::{Connection, RunQueryDsl};
     let sql = "SELECT r.system || '|' || r.value AS kind, \
                d.outcome || ' ' || COALESCE(CAST(ROUND(CAST(d.score AS NUMERIC), 6) AS TEXT), '-') \
                || ' ' || d.breakdown AS detail \
@@ -1177,16 +1186,7 @@ fn decisions(ex: &Exchange) -> Vec<(String, String)> {
         #[diesel(sql_type = diesel::sql_types::Text)]
         detail: String,
     }
-    let rows: Vec<Row> = match ex.db_url.strip_prefix("sqlite://") {
-        Some(path) => {
-            let mut c = diesel::SqliteConnection::establish(path).expect("open sqlite");
-            diesel::sql_query(sql).load(&mut c).expect("decisions")
-        }
-        None => {
-            let mut c = diesel::PgConnection::establish(&ex.db_url).expect("open postgres");
-            diesel::sql_query(sql).load(&mut c).expect("decisions")
-        }
-    };
+    let rows: Vec<Row> = load_rows(ex, sql);
     rows.into_iter().map(|r| (r.kind, r.detail)).collect()
 }
 
