@@ -481,7 +481,14 @@ async fn indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
     let db = open(&backend, dir.path());
     let mut c = db.get().expect("conn");
     assert_eq!(definitions(&mut c), migrated, "as the migrations made them");
-    assert_eq!(restore_load_indexes(&mut c).expect("restore"), 0);
+    assert_eq!(restore_load_indexes(&mut c, None).expect("restore"), 0);
+    // Built in two lanes, the second on a connection of its own, as `hie import` builds them.
+    assert_eq!(defer_load_indexes(&mut c).expect("defer"), deferred);
+    let mut helper = db.get().expect("conn");
+    let built = restore_load_indexes(&mut c, Some(&mut helper)).expect("restore");
+    assert_eq!(built, if deferred { 8 } else { 0 });
+    drop(helper);
+    assert_eq!(definitions(&mut c), migrated, "built in two lanes");
     // Once anything is stored, a load maintains them as it goes.
     let a = member(&mut c, "member-a");
     let settings = hie_broker::mpi::MpiSettings::from_config(

@@ -630,7 +630,7 @@ pub fn migrate(conn: &mut DbConn) -> Result<usize> {
     };
     let rekeyed = applied.and_then(|n| {
         // Those an initial `hie import` deferred and did not get to build (it stopped midway).
-        let built = mpi::restore_load_indexes(conn).map_err(|e| failed(&e))?;
+        let built = mpi::restore_load_indexes(conn, None).map_err(|e| failed(&e))?;
         if built > 0 {
             tracing::info!(
                 built,

@@ -706,7 +706,7 @@ impl ReadRequest {
                 pipe.wait_finished(before)?;
             }
             let started = std::time::Instant::now();
-            let built = store::restore_load_indexes(conn)?;
+            let built = store::restore_load_indexes(conn, None)?;
             pipe.deferred.store(false, Ordering::SeqCst);
             tracing::info!(
                 built,
