@@ -1151,8 +1151,8 @@ type Grouping = (
 );
 
 /// PostgreSQL: how many of the structures an initial load defers besides PDQm's indexes
-/// (`db::mpi::defer_load_indexes`) are there — the blocking keys' primary key and
-/// `source_records`' two foreign keys. None on SQLite.
+/// (`db::mpi::defer_load_indexes`) are there — the blocking keys' and identifiers' primary
+/// keys and `source_records`' two foreign keys. None on SQLite.
 fn deferred_structures_present(ex: &Exchange) -> Option<i64> {
     use diesel::{Connection, RunQueryDsl};
     if ex.db_url.starts_with("sqlite://") {
@@ -1161,9 +1161,10 @@ fn deferred_structures_present(ex: &Exchange) -> Option<i64> {
     let mut c = diesel::PgConnection::establish(&ex.db_url).expect("open postgres");
     let counted: Counted = diesel::sql_query(
         "SELECT 'present' AS kind, COUNT(*) AS n FROM pg_constraint \
-         WHERE conrelid IN ('blocking_keys'::regclass, 'source_records'::regclass) \
-         AND conname IN ('blocking_keys_pkey', 'source_records_enterprise_id_fkey', \
-         'source_records_org_id_fkey')",
+         WHERE conrelid IN ('blocking_keys'::regclass, 'source_records'::regclass, \
+         'source_identifiers'::regclass) \
+         AND conname IN ('blocking_keys_pkey', 'source_identifiers_pkey', \
+         'source_records_enterprise_id_fkey', 'source_records_org_id_fkey')",
     )
     .get_result(&mut c)
     .expect("constraints");
@@ -1429,15 +1430,15 @@ async fn import_against_online_feed(backend: Backend, lab_first: bool, batch: us
     assert!(stdout.contains("3 refused"), "{stdout}");
     assert!(stderr.contains("line 71: not JSON"), "{stderr}");
     // On PostgreSQL a load into the empty index deferred PDQm's indexes, the blocking keys'
-    // index and the foreign keys, and built them at its end — or as soon as it read the
+    // and identifiers' primary keys and the foreign keys, and built them at its end — or as soon as it read the
     // database, past what it keeps in memory, before deciding on what they index.
     if let Some(n) = deferred_structures_present(&bulk.ex) {
-        assert_eq!(n, 3, "{stdout}");
+        assert_eq!(n, 4, "{stdout}");
         if !lab_first {
             let built = if batch == "1" {
                 "built 0 index(es)"
             } else {
-                "built 8 index(es)"
+                "built 9 index(es)"
             };
             assert!(stdout.contains(built), "{stdout}");
         }

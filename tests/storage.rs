@@ -420,8 +420,8 @@ struct PgPlanLine {
     line: String,
 }
 
-/// On PostgreSQL an initial `hie import` builds PDQm's indexes, the blocking keys' primary key
-/// and `source_records`' foreign keys at its end instead of entry by entry:
+/// On PostgreSQL an initial `hie import` builds PDQm's indexes, the blocking keys' and shared
+/// identifiers' primary keys and `source_records`' foreign keys at its end instead of entry by entry:
 /// `defer_load_indexes` drops them only while no record is stored, and the next start
 /// (`Db::open`, as after a load that stopped midway) or `restore_load_indexes` builds them
 /// again as the migrations made them. On SQLite nothing is dropped.
@@ -444,9 +444,10 @@ async fn indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
             DbConn::Postgresql(pg) => diesel::sql_query(
                 "SELECT def FROM (SELECT indexdef AS def FROM pg_indexes \
                  WHERE schemaname = current_schema() \
-                 AND tablename IN ('source_records', 'blocking_keys') \
+                 AND tablename IN ('source_records', 'blocking_keys', 'source_identifiers') \
                  UNION ALL SELECT conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint \
-                 WHERE conrelid IN ('source_records'::regclass, 'blocking_keys'::regclass)) d \
+                 WHERE conrelid IN ('source_records'::regclass, 'blocking_keys'::regclass, \
+                 'source_identifiers'::regclass)) d \
                  ORDER BY def",
             )
             .load(pg),
@@ -465,10 +466,15 @@ async fn indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
     assert_eq!(deferred, matches!(backend, Backend::Postgres(_)));
     let during = definitions(&mut c);
     if deferred {
-        // Five indexes, the primary key (constraint and index), two foreign keys.
-        assert_eq!(during.len(), migrated.len() - 9, "{during:?}");
+        // Five indexes, two primary keys (constraint and index), two foreign keys.
+        assert_eq!(during.len(), migrated.len() - 11, "{during:?}");
         assert!(!during.iter().any(|d| d.contains("(family)")));
         assert!(!during.iter().any(|d| d.contains("blocking_keys_pkey")));
+        assert!(!during.iter().any(|d| d.contains("source_identifiers_pkey")));
+        // The identifiers' index by record stays: the online path replaces them by it.
+        assert!(during
+            .iter()
+            .any(|d| d.contains("source_identifiers_source")));
         assert!(!during.iter().any(|d| d.contains("FOREIGN KEY")));
         assert!(migrated
             .iter()
@@ -486,7 +492,7 @@ async fn indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
     assert_eq!(defer_load_indexes(&mut c).expect("defer"), deferred);
     let mut helper = db.get().expect("conn");
     let built = restore_load_indexes(&mut c, Some(&mut helper)).expect("restore");
-    assert_eq!(built, if deferred { 8 } else { 0 });
+    assert_eq!(built, if deferred { 9 } else { 0 });
     drop(helper);
     assert_eq!(definitions(&mut c), migrated, "built in two lanes");
     // Once anything is stored, a load maintains them as it goes.

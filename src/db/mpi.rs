@@ -1289,7 +1289,10 @@ impl LoadUpkeep {
 /// - `source_records`' foreign keys, checked row by row by a trigger that looks up and locks
 ///   the identity and the organisation (a seventh of the writing backend's time, perf).
 ///   Added back, each is checked in one join.
-const LOAD_DEFERRED: [(&str, &str, Deferred, &str); 8] = [
+/// - The shared identifiers' primary key (an SSN a record: one entry at a random place, 3.8 of
+///   the writer's 18 s of statements at 833k). Their index by record, which grows at its end,
+///   stays: an update on the online path replaces a record's identifiers by it.
+const LOAD_DEFERRED: [(&str, &str, Deferred, &str); 9] = [
     (
         "source_records_family",
         "source_records",
@@ -1327,6 +1330,12 @@ const LOAD_DEFERRED: [(&str, &str, Deferred, &str); 8] = [
         "PRIMARY KEY (key, source_id)",
     ),
     (
+        "source_identifiers_pkey",
+        "source_identifiers",
+        Deferred::Constraint,
+        "PRIMARY KEY (system, value, source_id)",
+    ),
+    (
         "source_records_enterprise_id_fkey",
         "source_records",
         Deferred::Constraint,
@@ -1350,8 +1359,8 @@ enum Deferred {
 const SCHEMA_LOCK: &str = "SELECT pg_advisory_xact_lock(727274)";
 
 /// PostgreSQL, before `hie import` loads: when no record is stored yet (an initial load), drops
-/// what only readers need (`LOAD_DEFERRED`: PDQm's indexes, the blocking keys' index,
-/// `source_records`' foreign keys), which `restore_load_indexes` builds at the load's end — the
+/// what only readers need (`LOAD_DEFERRED`: PDQm's indexes, the blocking keys' and shared
+/// identifiers' primary keys, `source_records`' foreign keys), which `restore_load_indexes` builds at the load's end — the
 /// PostgreSQL manual's way of populating a database — or as soon as the load reads the
 /// database. Meanwhile a running broker's searches and matches read whole tables (slow, not
 /// wrong) and its writes are not checked against the foreign keys (the broker writes none
@@ -1385,8 +1394,8 @@ pub fn defer_load_indexes(conn: &mut DbConn) -> Result<bool> {
 /// it built.
 ///
 /// With a `helper` connection the work runs in two lanes at once, one a core: the blocking
-/// keys' primary key (half of it all) on `conn`, `source_records`' indexes and foreign keys
-/// on the helper. No table is in both, so neither waits for the other's locks. The helper's
+/// keys' primary key (half of it all) on `conn`; `source_records`' indexes and foreign keys
+/// and the identifiers' key on the helper. No table is in both, so neither waits for the other's locks. The helper's
 /// transaction commits before `conn`'s releases the migrations' lock: another restore sees
 /// all of it built or waits.
 pub fn restore_load_indexes(conn: &mut DbConn, helper: Option<&mut DbConn>) -> Result<usize> {
@@ -1414,9 +1423,9 @@ pub fn restore_load_indexes(conn: &mut DbConn, helper: Option<&mut DbConn>) -> R
             .iter()
             .filter(|(name, ..)| !present.iter().any(|p| p.name == *name))
             .collect();
-        let (there, here): (Vec<_>, Vec<_>) = missing
+        let (here, there): (Vec<_>, Vec<_>) = missing
             .iter()
-            .partition(|(_, table, ..)| *table == "source_records");
+            .partition(|(_, table, ..)| *table == "blocking_keys");
         match helper.as_deref_mut() {
             Some(h) if !here.is_empty() && !there.is_empty() => {
                 std::thread::scope(|scope| {
@@ -1485,8 +1494,8 @@ fn build_deferred(
 const VACUUM_KEYS: &str = "VACUUM (SKIP_LOCKED) blocking_keys";
 const ANALYZE_LOAD: &str = "ANALYZE blocking_keys, source_records, source_identifiers, identities";
 /// `ANALYZE_LOAD` in two halves, for two connections.
-const ANALYZE_KEYS: &str = "ANALYZE blocking_keys, source_identifiers";
-const ANALYZE_RECORDS: &str = "ANALYZE source_records, identities";
+const ANALYZE_KEYS: &str = "ANALYZE blocking_keys";
+const ANALYZE_RECORDS: &str = "ANALYZE source_records, source_identifiers, identities";
 
 /// Tables whose ids a bulk load assigns itself.
 #[derive(Debug, Clone, Copy)]
