@@ -1292,7 +1292,7 @@ impl LoadUpkeep {
 /// - The shared identifiers' primary key (an SSN a record: one entry at a random place, 3.8 of
 ///   the writer's 18 s of statements at 833k). Their index by record, which grows at its end,
 ///   stays: an update on the online path replaces a record's identifiers by it.
-const LOAD_DEFERRED: [(&str, &str, Deferred, &str); 9] = [
+static LOAD_DEFERRED: [(&str, &str, Deferred, &str); 9] = [
     (
         "source_records_family",
         "source_records",
@@ -1355,8 +1355,11 @@ enum Deferred {
     Constraint,
 }
 
-/// The migrations' advisory lock (`db::migrate`): index changes wait for one another.
+/// The migrations' advisory lock (`db::migrate`): index changes wait for one another. For a
+/// transaction, or held by the session until unlocked.
 const SCHEMA_LOCK: &str = "SELECT pg_advisory_xact_lock(727274)";
+const SCHEMA_LOCK_SESSION: &str = "SELECT pg_advisory_lock(727274)";
+const SCHEMA_UNLOCK_SESSION: &str = "SELECT pg_advisory_unlock(727274)";
 
 /// PostgreSQL, before `hie import` loads: when no record is stored yet (an initial load), drops
 /// what only readers need (`LOAD_DEFERRED`: PDQm's indexes, the blocking keys' and shared
@@ -1395,75 +1398,80 @@ pub fn defer_load_indexes(conn: &mut DbConn) -> Result<bool> {
 ///
 /// With a `helper` connection the work runs in two lanes at once, one a core: the blocking
 /// keys' primary key (half of it all) on `conn`; `source_records`' indexes and foreign keys
-/// and the identifiers' key on the helper. No table is in both, so neither waits for the other's locks. The helper's
-/// transaction commits before `conn`'s releases the migrations' lock: another restore sees
-/// all of it built or waits.
+/// and the identifiers' key on the helper. No table is in both, and each lane commits on its
+/// own rather than one waiting for the other with its locks held: a running broker's write
+/// between the two (holding `source_records`, waiting for `blocking_keys`) would then wait on
+/// both, a cycle through this process that PostgreSQL could not see. Meanwhile the session
+/// holds the migrations' lock, so another restore waits until both lanes are done.
 pub fn restore_load_indexes(conn: &mut DbConn, helper: Option<&mut DbConn>) -> Result<usize> {
+    let DbConn::Postgresql(pg) = conn else {
+        return Ok(0);
+    };
+    let Some(DbConn::Postgresql(helper)) = helper else {
+        let built = pg.transaction(|pg| {
+            pg.batch_execute(SCHEMA_LOCK)?;
+            let missing = missing_deferred(pg)?;
+            build_deferred(pg, &missing)?;
+            Ok::<_, crate::error::Error>(missing.len())
+        })?;
+        if built > 0 {
+            // Statements of their own: VACUUM runs outside any transaction.
+            pg.batch_execute(VACUUM_KEYS)?;
+            pg.batch_execute(ANALYZE_LOAD)?;
+        }
+        return Ok(built);
+    };
+    pg.batch_execute(SCHEMA_LOCK_SESSION)?;
+    let built = (|| -> Result<usize> {
+        let missing = missing_deferred(pg)?;
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let (here, there): (Vec<_>, Vec<_>) = missing
+            .iter()
+            .partition(|(_, table, ..)| *table == "blocking_keys");
+        std::thread::scope(|scope| {
+            let lane = scope.spawn(|| {
+                helper.transaction(|h| build_deferred(h, &there))?;
+                helper.batch_execute(ANALYZE_RECORDS)
+            });
+            let mine = pg
+                .transaction(|pg| build_deferred(pg, &here))
+                .and_then(|_| pg.batch_execute(VACUUM_KEYS))
+                .and_then(|_| pg.batch_execute(ANALYZE_KEYS));
+            let other = lane
+                .join()
+                .map_err(|_| crate::error::Error::internal("an index build failed"))?;
+            mine?;
+            other?;
+            Ok(missing.len())
+        })
+    })();
+    let unlocked = pg.batch_execute(SCHEMA_UNLOCK_SESSION);
+    let built = built?;
+    unlocked?;
+    Ok(built)
+}
+
+/// Which of `LOAD_DEFERRED` are not there.
+fn missing_deferred(
+    pg: &mut diesel::PgConnection,
+) -> QueryResult<Vec<&'static (&'static str, &'static str, Deferred, &'static str)>> {
     #[derive(QueryableByName)]
     struct Name {
         #[diesel(sql_type = Text)]
         name: String,
     }
-    let DbConn::Postgresql(pg) = conn else {
-        return Ok(0);
-    };
-    let mut helper = match helper {
-        Some(DbConn::Postgresql(h)) => Some(h),
-        _ => None,
-    };
-    let built = pg.transaction(|pg| {
-        pg.batch_execute(SCHEMA_LOCK)?;
-        let present: Vec<Name> = diesel::sql_query(
-            "SELECT indexname AS name FROM pg_indexes WHERE schemaname = current_schema() \
-             UNION ALL SELECT conname FROM pg_constraint \
-             WHERE connamespace = current_schema()::regnamespace",
-        )
-        .load(pg)?;
-        let missing: Vec<_> = LOAD_DEFERRED
-            .iter()
-            .filter(|(name, ..)| !present.iter().any(|p| p.name == *name))
-            .collect();
-        let (here, there): (Vec<_>, Vec<_>) = missing
-            .iter()
-            .partition(|(_, table, ..)| *table == "blocking_keys");
-        match helper.as_deref_mut() {
-            Some(h) if !here.is_empty() && !there.is_empty() => {
-                std::thread::scope(|scope| {
-                    let lane = scope.spawn(|| h.transaction(|h| build_deferred(h, &there)));
-                    let built = build_deferred(pg, &here);
-                    let other = lane
-                        .join()
-                        .map_err(|_| crate::error::Error::internal("an index build failed"))?;
-                    built?;
-                    other?;
-                    Ok::<_, crate::error::Error>(())
-                })?;
-            }
-            _ => build_deferred(pg, &missing)?,
-        }
-        Ok::<_, crate::error::Error>(missing.len())
-    })?;
-    if built > 0 {
-        // Statements of their own: VACUUM runs outside any transaction.
-        match helper {
-            Some(h) => std::thread::scope(|scope| {
-                let lane = scope.spawn(|| h.batch_execute(ANALYZE_RECORDS));
-                let keys = pg
-                    .batch_execute(VACUUM_KEYS)
-                    .and_then(|_| pg.batch_execute(ANALYZE_KEYS));
-                let records = lane
-                    .join()
-                    .map_err(|_| crate::error::Error::internal("ANALYZE failed"))?;
-                keys?;
-                records.map_err(crate::error::Error::from)
-            })?,
-            None => {
-                pg.batch_execute(VACUUM_KEYS)?;
-                pg.batch_execute(ANALYZE_LOAD)?;
-            }
-        }
-    }
-    Ok(built)
+    let present: Vec<Name> = diesel::sql_query(
+        "SELECT indexname AS name FROM pg_indexes WHERE schemaname = current_schema() \
+         UNION ALL SELECT conname FROM pg_constraint \
+         WHERE connamespace = current_schema()::regnamespace",
+    )
+    .load(pg)?;
+    Ok(LOAD_DEFERRED
+        .iter()
+        .filter(|(name, ..)| !present.iter().any(|p| p.name == *name))
+        .collect())
 }
 
 /// Builds `deferred` (of `LOAD_DEFERRED`) in the transaction `pg` is in.
