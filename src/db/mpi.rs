@@ -1363,12 +1363,13 @@ const SCHEMA_UNLOCK_SESSION: &str = "SELECT pg_advisory_unlock(727274)";
 
 /// PostgreSQL, before `hie import` loads: when no record is stored yet (an initial load), drops
 /// what only readers need (`LOAD_DEFERRED`: PDQm's indexes, the blocking keys' and shared
-/// identifiers' primary keys, `source_records`' foreign keys), which `restore_load_indexes` builds at the load's end — the
-/// PostgreSQL manual's way of populating a database — or as soon as the load reads the
-/// database. Meanwhile a running broker's searches and matches read whole tables (slow, not
-/// wrong) and its writes are not checked against the foreign keys (the broker writes none
-/// that would fail them; adding them back checks every row). Returns whether it dropped
-/// them. SQLite: nothing (there they cost the load little).
+/// identifiers' primary keys, `source_records`' foreign keys), which `restore_load_indexes`
+/// builds at the load's end — the PostgreSQL manual's way of populating a database — or as
+/// soon as the load reads the database. Meanwhile a running broker's searches and matches
+/// read whole tables (slow, not wrong) and its writes are not checked against the foreign
+/// keys or the primary keys (it writes none that would fail them; adding them back checks
+/// every row). Returns whether it dropped them. SQLite: nothing (there they cost the load
+/// little).
 pub fn defer_load_indexes(conn: &mut DbConn) -> Result<bool> {
     let DbConn::Postgresql(pg) = conn else {
         return Ok(false);
