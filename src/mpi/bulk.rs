@@ -167,11 +167,16 @@ fn prepare_all(
     org: &Organization,
     patients: Vec<Submission>,
 ) -> Vec<Result<Box<Prepared>>> {
+    // A feed batch's few records are prepared here (the core count is read from the cgroup's
+    // files: ~4 % of the HTTP feed's CPU when it was asked every batch).
+    if patients.len() < 256 {
+        return patients.into_iter().map(|p| prepare(s, org, p)).collect();
+    }
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(8);
-    if threads < 2 || patients.len() < 256 {
+    if threads < 2 {
         return patients.into_iter().map(|p| prepare(s, org, p)).collect();
     }
     let per = patients.len().div_ceil(threads);
