@@ -1641,6 +1641,63 @@ async fn the_feed_survives_postgresql_dropping_its_connections() {
     assert!(r.ex.hie_ok(&["audit", "verify"]).contains("intact"));
 }
 
+/// On PostgreSQL the feed's writer begins its next transaction in the round trip that commits
+/// the last (and its matcher reads outside any transaction). Once the feed idles, no connection
+/// of the broker may stay "idle in transaction" — an operator watching `pg_stat_activity`, or a
+/// `CREATE INDEX CONCURRENTLY` waiting for old transactions, would see it — and the feed goes on
+/// afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_feed_leaves_no_transaction_open() {
+    use diesel::{Connection, RunQueryDsl};
+    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+        return;
+    };
+    let tag = format!("hie_idle_{}", std::process::id());
+    let r = region(&Backend::Postgres(format!("{url}&application_name={tag}")));
+    let round = |from: usize| {
+        let (r, ex) = (&r, &r.ex);
+        futures_util::future::join_all((from..from + 8).map(move |i| async move {
+            let mrn = format!("I-{i}");
+            let body = patient(
+                HOSP,
+                &mrn,
+                &format!("Given{i}"),
+                "Idle",
+                "1981-03-04",
+                &format!("{i} Quiet Rd"),
+                "55555",
+                None,
+            );
+            put(&r.hospital, ex, HOSP, &mrn, &body).await
+        }))
+    };
+    #[derive(diesel::QueryableByName)]
+    struct Open {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut admin = diesel::PgConnection::establish(&url).expect("postgres");
+    let mut open_now = || {
+        diesel::sql_query(format!(
+            "SELECT count(*) AS n FROM pg_stat_activity \
+             WHERE application_name = '{tag}' AND state LIKE 'idle in transaction%'"
+        ))
+        .get_result::<Open>(&mut admin)
+        .expect("pg_stat_activity")
+        .n
+    };
+    for from in [0, 8] {
+        for (status, body, _) in round(from).await {
+            assert!(status == 200 || status == 201, "{status} {body}");
+        }
+        // The feed keeps its connections for a second after its last batch.
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        assert_eq!(open_now(), 0, "a connection left idle in a transaction");
+    }
+    let (g, ..) = grouping(&r.ex);
+    assert_eq!(g.iter().map(Vec::len).sum::<usize>(), 16, "{g:?}");
+}
+
 /// On PostgreSQL a feed batch commits while the next is written on top of it. A commit that
 /// fails (here a deferred trigger that, for one MRN, waits a moment and then raises at commit
 /// time, as a full disk or a dropped connection would) must take with it only its own

@@ -90,7 +90,18 @@ fn redact(url: &str) -> String {
 pub struct Manager {
     url: DbUrl,
     busy_timeout_ms: u64,
+    /// PostgreSQL: the session plans every prepared statement generically
+    /// (`plan_cache_mode`), for the identity feed's matcher, whose reads run outside a
+    /// transaction (`FEED_PLANS`).
+    generic_plans: bool,
 }
+
+/// What a feed transaction sets up (`begin_feed`), and the identity feed's matcher connection
+/// for its session (`Manager::generic_plans`): its statements are index lookups and inserts by
+/// arrays of ids and keys, which a plan made anew for each call's values (PostgreSQL's choice
+/// for `= ANY($1)` and `unnest`) does not improve; that planning was a sixth of a small feed
+/// batch's time in the database.
+const FEED_PLANS: &str = "plan_cache_mode = force_generic_plan";
 
 impl ManageConnection for Manager {
     type Connection = DbConn;
@@ -118,9 +129,14 @@ impl ManageConnection for Manager {
                     .map_err(r2d2::Error::QueryError)?;
                 Ok(DbConn::Sqlite(c))
             }
-            DbUrl::Postgres(url) => PgConnection::establish(url)
-                .map(DbConn::Postgresql)
-                .map_err(r2d2::Error::ConnectionError),
+            DbUrl::Postgres(url) => {
+                let mut c = PgConnection::establish(url).map_err(r2d2::Error::ConnectionError)?;
+                if self.generic_plans {
+                    c.batch_execute(&format!("SET {FEED_PLANS}"))
+                        .map_err(r2d2::Error::QueryError)?;
+                }
+                Ok(DbConn::Postgresql(c))
+            }
         }
     }
 
@@ -160,6 +176,10 @@ pub struct Db {
     /// PostgreSQL: the connections the identity feed's matcher and writer keep between
     /// batches (`Kept`).
     kept: std::sync::Arc<[Kept; 3]>,
+    /// PostgreSQL: where the identity feed's matcher takes its connection, which plans
+    /// generically for its whole session (`Manager::generic_plans`): it is never lent to
+    /// anything else.
+    feed_reads: Option<r2d2::Pool<Manager>>,
 }
 
 /// A pool connection kept between one busy loop's database calls, so that each call does not
@@ -174,11 +194,18 @@ struct Kept(std::sync::Mutex<Option<(PooledConn, std::time::Instant)>>);
 pub const KEEP_FOR: Duration = Duration::from_secs(1);
 
 impl Kept {
+    /// The kept connection if it is fresh. A stale one goes back to its pool, its begun
+    /// transaction (`OpenWrite::commit`) ended first; so this may block.
     fn take(&self) -> Option<PooledConn> {
-        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        slot.take()
-            .filter(|(_, at)| at.elapsed() < KEEP_FOR)
-            .map(|(c, _)| c)
+        let taken = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match taken {
+            Some((c, at)) if at.elapsed() < KEEP_FOR => Some(c),
+            Some((mut c, _)) => {
+                end_begun(&mut c);
+                None
+            }
+            None => None,
+        }
     }
 
     fn keep(&self, conn: PooledConn) {
@@ -274,6 +301,7 @@ impl Db {
         let manager = Manager {
             url: url.clone(),
             busy_timeout_ms: config.busy_timeout_ms,
+            generic_plans: false,
         };
         let (writer, alive) = match url {
             DbUrl::Sqlite(_) => {
@@ -300,6 +328,21 @@ impl Db {
             }
             DbUrl::Postgres(_) => (None, None),
         };
+        // One connection, made when the feed first matches; two at most, should a matcher
+        // still hold one while the next begins.
+        let feed_reads = match url {
+            DbUrl::Postgres(_) => Some(
+                r2d2::Pool::builder()
+                    .max_size(2)
+                    .min_idle(Some(0))
+                    .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+                    .build_unchecked(Manager {
+                        generic_plans: true,
+                        ..manager.clone()
+                    }),
+            ),
+            DbUrl::Sqlite(_) => None,
+        };
         let pool = r2d2::Pool::builder()
             .max_size(config.pool_size)
             .min_idle(Some(1))
@@ -313,6 +356,7 @@ impl Db {
             _alive: alive,
             writes: Default::default(),
             kept: Default::default(),
+            feed_reads,
         })
     }
 
@@ -347,6 +391,7 @@ impl Db {
         F: FnOnce(&mut DbConn) -> Result<T>,
     {
         let mut conn = self.checkout(keeper)?;
+        end_begun(&mut conn);
         let r = f(&mut conn);
         if r.is_ok() {
             self.kept[keeper as usize].keep(conn);
@@ -354,17 +399,24 @@ impl Db {
         r
     }
 
-    /// The connection `keeper` kept, if it is fresh, else one from the pool (blocking).
+    /// The connection `keeper` kept, if it is fresh, else one from the pool (blocking): the
+    /// matcher's from its own (`feed_reads`). A kept writer's connection may be inside the
+    /// transaction its last commit began (`OpenWrite::commit`).
     fn checkout(&self, keeper: Keeper) -> Result<PooledConn> {
-        match self.kept[keeper as usize].take() {
-            Some(c) => Ok(c),
-            None => Ok(self.pool.get()?),
+        if let Some(c) = self.kept[keeper as usize].take() {
+            return Ok(c);
+        }
+        match (keeper, &self.feed_reads) {
+            (Keeper::Matcher, Some(reads)) => Ok(reads.get()?),
+            _ => Ok(self.pool.get()?),
         }
     }
 
     /// The identity feed's matcher reading on the connection it keeps, from a thread that
     /// may block (its own): `read_on_writer` without the trip to another thread. For
-    /// PostgreSQL, where the matcher's reads do not go through the writer.
+    /// PostgreSQL, where the matcher's reads do not go through the writer; the connection is
+    /// one of `feed_reads`, whose sessions plan generically, so that the reads need no
+    /// transaction to set that up (`ReadRequest::statement_snapshots`).
     pub fn read_kept<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce(&mut DbConn) -> Result<T>,
@@ -372,10 +424,21 @@ impl Db {
         self.on_kept(Keeper::Matcher, f)
     }
 
-    /// Returns the connections the identity feed kept to the pool (it has been idle).
+    /// Returns the connections the identity feed kept to the pool (it has been idle), off the
+    /// async executor: a writer's begun transaction is ended first (`OpenWrite::commit`).
     pub fn release_kept(&self) {
-        for k in self.kept.iter() {
-            k.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let kept: Vec<PooledConn> = self
+            .kept
+            .iter()
+            .filter_map(|k| k.0.lock().unwrap_or_else(|e| e.into_inner()).take())
+            .map(|(c, _)| c)
+            .collect();
+        if !kept.is_empty() {
+            tokio::task::spawn_blocking(move || {
+                for mut c in kept {
+                    end_begun(&mut c);
+                }
+            });
         }
     }
 
@@ -450,7 +513,10 @@ impl Db {
                 let DbConn::Postgresql(pg) = &mut *conn else {
                     return Err(Error::internal("an open write needs PostgreSQL"));
                 };
-                begin_feed(pg, "READ COMMITTED")?;
+                // Begun by the commit before on this connection, or now.
+                if !in_transaction(pg) {
+                    begin_feed(pg, "READ COMMITTED")?;
+                }
                 let done = f(&mut conn);
                 let DbConn::Postgresql(pg) = &mut *conn else {
                     return Err(Error::internal("the connection changed backend"));
@@ -562,6 +628,7 @@ pub fn migrate_only(config: &DatabaseConfig) -> Result<usize> {
     let manager = Manager {
         url: url.clone(),
         busy_timeout_ms: config.busy_timeout_ms,
+        generic_plans: false,
     };
     let mut conn = manager.connect().map_err(|e| {
         Error::config(format!(
@@ -707,11 +774,52 @@ fn begin_feed(pg: &mut diesel::PgConnection, isolation: &str) -> Result<()> {
     use diesel::connection::AnsiTransactionManager;
     AnsiTransactionManager::begin_transaction_sql(
         pg,
-        &format!(
-            "BEGIN ISOLATION LEVEL {isolation}; SET LOCAL plan_cache_mode = force_generic_plan"
-        ),
+        &format!("BEGIN ISOLATION LEVEL {isolation}; SET LOCAL {FEED_PLANS}"),
     )?;
     Ok(())
+}
+
+/// Whether diesel knows the connection to be inside a transaction.
+fn in_transaction(pg: &mut diesel::PgConnection) -> bool {
+    use diesel::connection::{
+        AnsiTransactionManager, TransactionManager, TransactionManagerStatus,
+    };
+    !matches!(
+        AnsiTransactionManager::transaction_manager_status_mut(pg),
+        TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
+    )
+}
+
+/// Commits the feed writer's transaction and begins its next one on the same connection, in one
+/// round trip: the next batch on it then starts with its first statement (a round trip fewer
+/// on the writer's path; the commit itself overlaps the next batch's statements on the other
+/// connection). The begun transaction has done nothing — no snapshot (READ COMMITTED takes one
+/// a statement), no lock, no transaction id — until the next batch; `end_begun` ends it on a
+/// connection that leaves the feed. If the commit fails, nothing after it runs and the
+/// server's transaction is over; diesel is told so by a rollback, and the error is returned.
+fn commit_and_begin(pg: &mut diesel::PgConnection) -> Result<()> {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    // diesel's depth stays at one throughout: one transaction ends, the next begins.
+    let sql = format!("COMMIT; BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL {FEED_PLANS}");
+    match pg.batch_execute(&sql) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = AnsiTransactionManager::rollback_transaction(pg);
+            Err(e.into())
+        }
+    }
+}
+
+/// Ends a transaction begun ahead of its work (`commit_and_begin`), so that the connection goes
+/// back to the pool (or to other work) outside one; a failed rollback leaves it marked broken,
+/// and the pool closes it.
+fn end_begun(conn: &mut DbConn) {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    if let DbConn::Postgresql(pg) = conn {
+        if in_transaction(pg) {
+            let _ = AnsiTransactionManager::rollback_transaction(pg);
+        }
+    }
 }
 
 /// Ends a feed transaction after its work: rolled back if the work failed (its error is the
@@ -743,17 +851,17 @@ pub struct OpenWrite {
 }
 
 impl OpenWrite {
-    /// Commits, off the async executor.
+    /// Commits, off the async executor, and begins the connection's next feed transaction in
+    /// the same round trip (`commit_and_begin`).
     pub async fn commit(mut self) -> Result<()> {
         tokio::task::spawn_blocking(move || {
-            use diesel::connection::{AnsiTransactionManager, TransactionManager};
             let Some(mut conn) = self.conn.take() else {
                 return Err(Error::internal("the open write was already ended"));
             };
             let DbConn::Postgresql(pg) = &mut *conn else {
                 return Err(Error::internal("an open write needs PostgreSQL"));
             };
-            AnsiTransactionManager::commit_transaction(pg)?;
+            commit_and_begin(pg)?;
             self.kept[self.keeper as usize].keep(conn);
             Ok(())
         })

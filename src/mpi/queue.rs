@@ -257,7 +257,10 @@ impl Matching<'_> {
                     return Ok(m.unmatched(&s, &o, subs));
                 }
                 // `begin` waits for a group that must be written first.
-                let read = m.begin(&s, &o, subs, Some(&p))?.on_writer();
+                let read = m
+                    .begin(&s, &o, subs, Some(&p))?
+                    .on_writer()
+                    .statement_snapshots();
                 let reading = db.read_kept(|c| read.run(c, &s, Some(&p)))?;
                 Ok(m.finish(&s, &o, reading, true))
             })
