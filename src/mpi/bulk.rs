@@ -711,7 +711,8 @@ impl ReadRequest {
 
     /// Reads in one transaction of its own (a savepoint inside the caller's, if any;
     /// PostgreSQL: REPEATABLE READ, READ ONLY when it is the outermost), held no longer than
-    /// the reads: a long reader keeps SQLite's write-ahead log from starting over.
+    /// the reads: a long reader keeps SQLite's write-ahead log from starting over. On
+    /// PostgreSQL with `statement_snapshots`, in no transaction.
     pub fn run(
         self,
         conn: &mut DbConn,
