@@ -1593,6 +1593,31 @@ async fn the_audit_chain_stays_linear_when_another_process_appends(backend: Back
 }
 on_both_backends!(the_audit_chain_stays_linear_when_another_process_appends);
 
+/// Eight hospital records of eight people fed at once (`{prefix}-{from}` onwards, family name
+/// `family`): each answer.
+async fn eight_at_once(
+    r: &Region,
+    prefix: &str,
+    family: &str,
+    from: usize,
+) -> Vec<(u16, Value, String)> {
+    futures_util::future::join_all((from..from + 8).map(|i| async move {
+        let mrn = format!("{prefix}-{i}");
+        let body = patient(
+            HOSP,
+            &mrn,
+            &format!("Given{i}"),
+            family,
+            "1980-02-03",
+            &format!("{i} Restart Rd"),
+            "44444",
+            None,
+        );
+        put(&r.hospital, &r.ex, HOSP, &mrn, &body).await
+    }))
+    .await
+}
+
 /// PostgreSQL drops every connection of the broker (a restart, a failover, an operator's
 /// `pg_terminate_backend`) between two rounds of concurrent feeds: the connections the feed
 /// keeps between batches are dead, yet every request of the next round is answered, and the
@@ -1606,23 +1631,7 @@ async fn the_feed_survives_postgresql_dropping_its_connections() {
     // The broker's connections carry a name of their own, so that only they are dropped.
     let tag = format!("hie_drop_{}", std::process::id());
     let r = region(&Backend::Postgres(format!("{url}&application_name={tag}")));
-    let round = |from: usize| {
-        let (r, ex) = (&r, &r.ex);
-        futures_util::future::join_all((from..from + 8).map(move |i| async move {
-            let mrn = format!("D-{i}");
-            let body = patient(
-                HOSP,
-                &mrn,
-                &format!("Given{i}"),
-                "Dropped",
-                "1980-02-03",
-                &format!("{i} Restart Rd"),
-                "44444",
-                None,
-            );
-            put(&r.hospital, ex, HOSP, &mrn, &body).await
-        }))
-    };
+    let round = |from: usize| eight_at_once(&r, "D", "Dropped", from);
     for (status, body, _) in round(0).await {
         assert!(status == 200 || status == 201, "{status} {body}");
     }
@@ -1654,23 +1663,7 @@ async fn an_idle_feed_leaves_no_transaction_open() {
     };
     let tag = format!("hie_idle_{}", std::process::id());
     let r = region(&Backend::Postgres(format!("{url}&application_name={tag}")));
-    let round = |from: usize| {
-        let (r, ex) = (&r, &r.ex);
-        futures_util::future::join_all((from..from + 8).map(move |i| async move {
-            let mrn = format!("I-{i}");
-            let body = patient(
-                HOSP,
-                &mrn,
-                &format!("Given{i}"),
-                "Idle",
-                "1981-03-04",
-                &format!("{i} Quiet Rd"),
-                "55555",
-                None,
-            );
-            put(&r.hospital, ex, HOSP, &mrn, &body).await
-        }))
-    };
+    let round = |from: usize| eight_at_once(&r, "I", "Idle", from);
     #[derive(diesel::QueryableByName)]
     struct Open {
         #[diesel(sql_type = diesel::sql_types::BigInt)]

@@ -149,11 +149,7 @@ impl ManageConnection for Manager {
     /// that failed) or with its transaction state in error is closed, not handed to the next
     /// caller.
     fn has_broken(&self, conn: &mut DbConn) -> bool {
-        use diesel::connection::{TransactionManager, TransactionManagerStatus};
-        !matches!(
-            <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
-            TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
-        )
+        in_transaction(conn)
     }
 }
 
@@ -509,12 +505,13 @@ impl Db {
         let db = self.clone();
         let opened = tokio::task::spawn_blocking(move || {
             let mut conn = db.checkout(keeper)?;
+            // Begun by the commit before on this connection, or now.
+            let begun = in_transaction(&mut conn);
             let v = {
                 let DbConn::Postgresql(pg) = &mut *conn else {
                     return Err(Error::internal("an open write needs PostgreSQL"));
                 };
-                // Begun by the commit before on this connection, or now.
-                if !in_transaction(pg) {
+                if !begun {
                     begin_feed(pg, "READ COMMITTED")?;
                 }
                 let done = f(&mut conn);
@@ -752,11 +749,7 @@ pub fn feed_transaction<T, F>(conn: &mut DbConn, isolation: &str, f: F) -> Resul
 where
     F: FnOnce(&mut DbConn) -> Result<T>,
 {
-    use diesel::connection::{TransactionManager, TransactionManagerStatus};
-    let outermost = matches!(
-        <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
-        TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
-    );
+    let outermost = !in_transaction(conn);
     let pg = match conn {
         DbConn::Postgresql(pg) if outermost => pg,
         _ => return conn.transaction(f),
@@ -779,13 +772,12 @@ fn begin_feed(pg: &mut diesel::PgConnection, isolation: &str) -> Result<()> {
     Ok(())
 }
 
-/// Whether diesel knows the connection to be inside a transaction.
-fn in_transaction(pg: &mut diesel::PgConnection) -> bool {
-    use diesel::connection::{
-        AnsiTransactionManager, TransactionManager, TransactionManagerStatus,
-    };
+/// Whether diesel knows the connection to be inside a transaction (or its transaction state to
+/// be in error).
+fn in_transaction(conn: &mut DbConn) -> bool {
+    use diesel::connection::{TransactionManager, TransactionManagerStatus};
     !matches!(
-        AnsiTransactionManager::transaction_manager_status_mut(pg),
+        <DbConn as Connection>::TransactionManager::transaction_manager_status_mut(conn),
         TransactionManagerStatus::Valid(v) if v.transaction_depth().is_none()
     )
 }
@@ -815,10 +807,11 @@ fn commit_and_begin(pg: &mut diesel::PgConnection) -> Result<()> {
 /// and the pool closes it.
 fn end_begun(conn: &mut DbConn) {
     use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    if !in_transaction(conn) {
+        return;
+    }
     if let DbConn::Postgresql(pg) = conn {
-        if in_transaction(pg) {
-            let _ = AnsiTransactionManager::rollback_transaction(pg);
-        }
+        let _ = AnsiTransactionManager::rollback_transaction(pg);
     }
 }
 
