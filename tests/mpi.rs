@@ -1180,6 +1180,11 @@ fn decisions(ex: &Exchange) -> Vec<(String, String)> {
                || ' ' || d.breakdown AS detail \
                FROM match_decisions d JOIN source_records r ON r.id = d.source_id \
                ORDER BY kind, detail";
+    text_pairs(ex, sql)
+}
+
+/// The rows of `sql`, two text columns `kind` and `detail`.
+fn text_pairs(ex: &Exchange, sql: &str) -> Vec<(String, String)> {
     #[derive(diesel::QueryableByName)]
     struct Row {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -1189,6 +1194,34 @@ fn decisions(ex: &Exchange) -> Vec<(String, String)> {
     }
     let rows: Vec<Row> = load_rows(ex, sql);
     rows.into_iter().map(|r| (r.kind, r.detail)).collect()
+}
+
+/// The people's history as stored: each action with the records it names ("source" and
+/// "candidate" of a link), by their identifiers.
+fn history(ex: &Exchange) -> Vec<(String, String)> {
+    use std::collections::HashMap;
+    let sql = "SELECT h.action AS kind, h.detail AS detail FROM identity_history h";
+    let records = "SELECT CAST(id AS TEXT) AS kind, system || '|' || value AS detail \
+                   FROM source_records";
+    let names: HashMap<String, String> = text_pairs(ex, records).into_iter().collect();
+    let mut rows: Vec<(String, String)> = text_pairs(ex, sql)
+        .into_iter()
+        .map(|(action, detail)| {
+            let detail: Value = serde_json::from_str(&detail).unwrap_or_default();
+            let named = |k: &str| {
+                detail[k]
+                    .as_i64()
+                    .and_then(|id| names.get(&id.to_string()).cloned())
+                    .unwrap_or_default()
+            };
+            (
+                action,
+                format!("{} {}", named("source"), named("candidate")),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
 }
 
 fn grouping(ex: &Exchange) -> Grouping {
@@ -1457,6 +1490,9 @@ async fn import_against_online_feed(backend: Backend, lab_first: bool, batch: us
         decisions(&bulk.ex),
         "decisions as stored differ"
     );
+    let links = history(&online.ex);
+    assert!(links.iter().filter(|(a, _)| a == "link").count() >= 35);
+    assert_eq!(links, history(&bulk.ex), "the people's histories differ");
     // The hazards stayed apart, the duplicates were found.
     let together = |x: &str, y: &str| {
         a.0.iter()

@@ -2009,16 +2009,43 @@ fn insert_bulk_copy(pg: &mut diesel::PgConnection, rows: &BulkRows) -> Result<()
             d::created_at,
         ),
     )?;
-    insert_rare_pg(pg, rows)
+    // A link's history row each: as many as the records, for a member whose records link.
+    for h in &rows.history {
+        b.row(5)
+            .int(h.enterprise_id)
+            .text(&h.action)
+            .text(&h.detail)
+            .opt_text(&h.actor)
+            .int(h.created_at);
+    }
+    b.send(
+        pg,
+        identity_history::table,
+        (
+            identity_history::enterprise_id,
+            identity_history::action,
+            identity_history::detail,
+            identity_history::actor,
+            identity_history::created_at,
+        ),
+    )?;
+    insert_reviews_pg(pg, &rows.reviews)
 }
 
-/// Rare rows of a bulk write (a review, a merge's history): multi-row statements suffice.
-fn insert_rare_pg(pg: &mut diesel::PgConnection, rows: &BulkRows) -> Result<()> {
-    for c in rows.reviews.chunks(ROWS_PER_INSERT) {
+/// Rare rows of a bulk write: a review (a multi-row statement suffices).
+fn insert_reviews_pg(pg: &mut diesel::PgConnection, reviews: &[NewReview]) -> Result<()> {
+    for c in reviews.chunks(ROWS_PER_INSERT) {
         diesel::insert_into(match_reviews::table)
             .values(c)
             .execute(pg)?;
     }
+    Ok(())
+}
+
+/// Rare rows of a small bulk write (a review, a link's or a merge's history): multi-row
+/// statements suffice.
+fn insert_rare_pg(pg: &mut diesel::PgConnection, rows: &BulkRows) -> Result<()> {
+    insert_reviews_pg(pg, &rows.reviews)?;
     for c in rows.history.chunks(ROWS_PER_INSERT) {
         diesel::insert_into(identity_history::table)
             .values(c)
