@@ -667,15 +667,6 @@ fn import(
                 &mut *conn,
                 "PRAGMA cache_size = -1048576",
             )?;
-        } else if let Err(e) = diesel::connection::SimpleConnection::batch_execute(
-            &mut *conn,
-            "SET wal_compression = lz4",
-        ) {
-            // The page images a load writes to the server's log, compressed: ~40 % less log,
-            // so fewer checkpoints and fewer images after them (BENCHMARKS.md, session 37).
-            // A role may set it if it is a superuser or was granted `SET ON PARAMETER
-            // wal_compression`; else the server's own setting holds.
-            tracing::info!(error = %e, "the import's log is not compressed");
         }
         Ok(conn)
     };

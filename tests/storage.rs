@@ -525,3 +525,28 @@ async fn indexes_deferred_for_an_initial_load_come_back(backend: Backend) {
     assert_eq!(definitions(&mut c), migrated);
 }
 on_both_backends!(indexes_deferred_for_an_initial_load_come_back);
+
+/// On PostgreSQL the broker's connections that write ask for the page images they log to be
+/// compressed (`db::compress_log`): the test role, a superuser, may.
+#[tokio::test]
+async fn postgres_connections_compress_the_log_they_write() {
+    use diesel::RunQueryDsl;
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open(&backend, dir.path());
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        wal_compression: String,
+    }
+    let mut c = db.get().expect("conn");
+    let hie_broker::db::DbConn::Postgresql(pg) = &mut *c else {
+        panic!("a PostgreSQL connection");
+    };
+    let s: Setting = diesel::sql_query("SHOW wal_compression")
+        .get_result(pg)
+        .expect("show");
+    assert_eq!(s.wal_compression, "lz4");
+}
