@@ -114,7 +114,7 @@ fn compress_log(c: &mut PgConnection) {
     static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if let Err(e) = c.batch_execute("SET wal_compression = lz4") {
         if !REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            tracing::info!(error = %e, "the server's log is written as its settings say: wal_compression not set");
+            tracing::info!(error = %e, "wal_compression is not set for the broker's connections: the server's own setting holds");
         }
     }
 }
