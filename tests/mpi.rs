@@ -1654,6 +1654,18 @@ async fn eight_at_once(
     .await
 }
 
+/// On PostgreSQL only: a region whose broker names its connections `{prefix}_{pid}` (their
+/// `application_name`), so that `pg_stat_activity` tells them apart; with the server's URL
+/// and that name.
+fn named_postgres_region(prefix: &str) -> Option<(String, String, Region)> {
+    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+        return None;
+    };
+    let tag = format!("{prefix}_{}", std::process::id());
+    let r = region(&Backend::Postgres(format!("{url}&application_name={tag}")));
+    Some((url, tag, r))
+}
+
 /// PostgreSQL drops every connection of the broker (a restart, a failover, an operator's
 /// `pg_terminate_backend`) between two rounds of concurrent feeds: the connections the feed
 /// keeps between batches are dead, yet every request of the next round is answered, and the
@@ -1661,12 +1673,10 @@ async fn eight_at_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_feed_survives_postgresql_dropping_its_connections() {
     use diesel::{Connection, RunQueryDsl};
-    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+    // The broker's connections carry a name of their own, so that only they are dropped.
+    let Some((url, tag, r)) = named_postgres_region("hie_drop") else {
         return;
     };
-    // The broker's connections carry a name of their own, so that only they are dropped.
-    let tag = format!("hie_drop_{}", std::process::id());
-    let r = region(&Backend::Postgres(format!("{url}&application_name={tag}")));
     let round = |from: usize| eight_at_once(&r, "D", "Dropped", from);
     for (status, body, _) in round(0).await {
         assert!(status == 200 || status == 201, "{status} {body}");
@@ -1694,11 +1704,9 @@ async fn the_feed_survives_postgresql_dropping_its_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_feed_leaves_no_transaction_open() {
     use diesel::{Connection, RunQueryDsl};
-    let Some(Backend::Postgres(url)) = Backend::postgres() else {
+    let Some((url, tag, r)) = named_postgres_region("hie_idle") else {
         return;
     };
-    let tag = format!("hie_idle_{}", std::process::id());
-    let r = region(&Backend::Postgres(format!("{url}&application_name={tag}")));
     let round = |from: usize| eight_at_once(&r, "I", "Idle", from);
     #[derive(diesel::QueryableByName)]
     struct Open {
