@@ -107,7 +107,8 @@ const FEED_PLANS: &str = "plan_cache_mode = force_generic_plan";
 /// change of each page after a checkpoint), compressed. Nearly all of the log the identity
 /// feed and a linking load write is such images of index pages; compressed, the 1M linking
 /// load wrote 1.60 GB of log instead of 2.68 and the 8-client feed 332 MB instead of 446 for
-/// 20,000 records, and fed 1,043 rec/s against 961 (four pairs; BENCHMARKS.md, session 37).
+/// 20,000 records, and fed 1,043 rec/s against 961 on a slow day (four pairs), within the
+/// noise on a fast one (BENCHMARKS.md, sessions 37 and 38).
 /// PostgreSQL lets a superuser set it, or a role granted `SET ON PARAMETER wal_compression`;
 /// refused, the server's own setting holds, and that is said once.
 fn compress_log(c: &mut PgConnection) {
